@@ -1,0 +1,201 @@
+"""Configuration: one YAML file, validated by pydantic. Every default is defined here, once.
+
+Errors name the key path and the fix, e.g. `model.threshold: must be between 0 and 1, got 1.7`.
+Relative paths in a file are taken relative to that file's folder, so a config behaves the same
+whatever directory the service is started from.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+from .pipeline.registry import DEFAULT_MODEL, MODELS
+
+
+def default_state_dir() -> Path:
+    """systemd's StateDirectory= when run as a service, /var/lib/xrvd for root, otherwise the
+    XDG state folder, so an unprivileged user can try xrvd without creating system folders."""
+    if os.environ.get("STATE_DIRECTORY"):
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    if os.geteuid() == 0:
+        return Path("/var/lib/xrvd")
+    xdg = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
+    return Path(xdg) / "xrvd"
+
+
+def _unit_interval(value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"must be between 0 and 1, got {value}")
+    return value
+
+
+def _known_model(name: str) -> str:
+    if name not in MODELS:
+        close = difflib.get_close_matches(name, MODELS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"unknown model {name!r}; {hint}choose one of: {', '.join(MODELS)}")
+    return name
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: Annotated[str, AfterValidator(_known_model)] = DEFAULT_MODEL
+    # Default: <state_dir>/models, filled in when the whole config is validated.
+    weights_dir: Path | None = None
+    # 0.5 is the operating point TorchXRayVision's calibration maps every label to.
+    threshold: Annotated[float, AfterValidator(_unit_interval)] = 0.5
+    # Hospital networks are often offline or filtered: fetch only when explicitly allowed.
+    allow_download: bool = False
+    # Base URL of a local mirror of TorchXRayVision's release files (default: upstream).
+    download_url: str | None = None
+    batch_size: int = Field(default=8, ge=1, le=256)
+    device: Literal["cpu", "cuda"] = "cpu"
+    # 0: let torch choose (one thread per available core).
+    threads: int = Field(default=0, ge=0, le=256)
+
+
+class ConvertConfig(Section):
+    # The defaults reproduce TorchXRayVision's own preprocessing; the rest are explicit opt-ins.
+    voi_lut: bool = False
+    modality_lut: bool = False
+    fit: Literal["crop", "pad"] = "crop"
+
+
+class LogConfig(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+    include_patient_identifiers: bool = False
+
+
+class Config(Section):
+    state_dir: Path = Field(default_factory=default_state_dir)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    convert: ConvertConfig = Field(default_factory=ConvertConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    @model_validator(mode="after")
+    def _fill_derived_paths(self) -> Config:
+        if self.model.weights_dir is None:
+            self.model.weights_dir = self.state_dir / "models"
+        return self
+
+    @property
+    def weights_dir(self) -> Path:
+        assert self.model.weights_dir is not None  # filled in by _fill_derived_paths
+        return self.model.weights_dir
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --- loading and error messages --------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike | None = None) -> Config:
+    """Load and validate a config file; None gives the embedded defaults."""
+    if path is None:
+        return Config()
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(source, [f"cannot read the file: {exc.strerror or exc}"]) from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, [f"{where}not valid YAML: {problem}"]) from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [f"the top level must be a mapping of sections, got {_kind(raw)}"])
+    _resolve_relative_paths(raw, Path(path).resolve().parent)
+    return validate_config(raw, source)
+
+
+def validate_config(raw: dict[str, Any], source: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(source, [_describe(err) for err in exc.errors()]) from None
+
+
+_PATH_KEYS = {("state_dir",), ("model", "weights_dir")}
+
+
+def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
+    for keys in _PATH_KEYS:
+        parent: Any = raw
+        for key in keys[:-1]:
+            parent = parent.get(key) if isinstance(parent, dict) else None
+        if isinstance(parent, dict) and isinstance(parent.get(keys[-1]), str):
+            value = Path(parent[keys[-1]]).expanduser()
+            parent[keys[-1]] = str(value if value.is_absolute() else base / value)
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    return {dict: "a mapping", list: "a list", str: "text", bool: "true/false", int: "a number",
+            float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    model: Any = Config
+    for key in loc:
+        field = getattr(model, "model_fields", {}).get(key)
+        if field is None:
+            return []
+        model = field.annotation
+        # unwrap Optional[Section] and similar
+        for arg in getattr(model, "__args__", ()) or ():
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                model = arg
+    return list(getattr(model, "model_fields", {}))
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = tuple(err["loc"])
+    path = ".".join(str(part) for part in loc) or "(top level)"
+    kind = err["type"]
+    value = err.get("input")
+    ctx = err.get("ctx", {})
+    if kind == "extra_forbidden":
+        known = _fields_at(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known keys here: {', '.join(known)}"
+        return f"{path}: unknown key; {hint}"
+    if kind == "missing":
+        return f"{path}: required, but missing"
+    if kind == "value_error":
+        return f"{path}: {ctx.get('error', err['msg'])}"
+    if kind == "literal_error":
+        return f"{path}: must be one of {ctx.get('expected')}, got {value!r}"
+    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        bound = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=",
+                 "less_than": "<"}[kind]
+        limit = next(iter(ctx.values()))
+        return f"{path}: must be {bound} {limit}, got {value!r}"
+    if kind.startswith("int_"):
+        return f"{path}: must be a whole number, got {_kind(value)} {value!r}"
+    if kind.startswith("float_"):
+        return f"{path}: must be a number, got {_kind(value)} {value!r}"
+    if kind.startswith("bool_"):
+        return f"{path}: must be true or false, got {value!r}"
+    if kind.startswith("string_"):
+        return f"{path}: must be text, got {_kind(value)} {value!r}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{path}: must be a mapping of keys, got {_kind(value)}"
+    return f"{path}: {err['msg']}"

@@ -1,0 +1,105 @@
+"""Typed errors. Every error carries a stable `reason` code (journaled and logged by the
+daemon) and a message that tells a person what to do next."""
+
+from __future__ import annotations
+
+
+class XrvdError(Exception):
+    """Base of every error xrvd raises on purpose."""
+
+    reason = "error"
+
+
+class ConfigError(XrvdError):
+    """The configuration file is missing, unreadable or invalid."""
+
+    reason = "config_invalid"
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"{source}: invalid configuration:\n{lines}")
+
+
+# --- models and weights -------------------------------------------------------------
+
+
+class UnknownModelError(XrvdError):
+    reason = "unknown_model"
+
+
+class WeightsError(XrvdError):
+    """A model's weights cannot be used."""
+
+    reason = "weights_error"
+
+
+class WeightsMissingError(WeightsError):
+    reason = "weights_missing"
+
+
+class WeightsCorruptError(WeightsError):
+    reason = "weights_corrupt"
+
+
+class UntrainedWeightsError(WeightsError):
+    """Untrained (random) weights were found where real ones are required."""
+
+    reason = "weights_untrained"
+
+
+class DownloadError(WeightsError):
+    reason = "download_failed"
+
+
+# --- reading and converting images --------------------------------------------------
+
+
+class ImageError(XrvdError):
+    """An input cannot be turned into a model input. Subclasses name why."""
+
+    reason = "image_error"
+
+    def __init__(self, path: object, detail: str):
+        self.path = str(path)
+        self.detail = detail
+        super().__init__(f"{self.path}: {detail}")
+
+
+class EmptyFileError(ImageError):
+    reason = "empty_file"
+
+
+class TruncatedFileError(ImageError):
+    reason = "truncated"
+
+
+class NotAnImageError(ImageError):
+    """Neither DICOM nor an image format we read (PNG, JPEG)."""
+
+    reason = "not_dicom"
+
+
+class NoPixelDataError(ImageError):
+    """A DICOM object without an image, e.g. a Structured Report."""
+
+    reason = "no_pixel_data"
+
+
+class NotGreyscaleError(ImageError):
+    reason = "not_greyscale"
+
+
+class MultiFrameError(ImageError):
+    reason = "multi_frame"
+
+
+class UndecodablePixelDataError(ImageError):
+    reason = "undecodable"
+
+
+class NonFiniteScoresError(ImageError):
+    """The model produced NaN or infinite scores for this image: never report those."""
+
+    reason = "non_finite_scores"
