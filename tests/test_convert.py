@@ -1,0 +1,254 @@
+"""Conversion fidelity against TorchXRayVision's own path, transfer syntaxes, and every way an
+input can be unusable."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    RLELossless,
+)
+
+from xrvd import errors
+from xrvd.pipeline.convert import ConvertOptions, prepare_dataset, prepare_file
+from xrvd.pipeline.models import Classifier
+from xrvd.pipeline.read import read_dicom
+
+from .conftest import NIH_SC, PNGS, REJECT, RSNA_JPEG, TINY_CR, WG04_CR
+
+CLASSIFIABLE = [WG04_CR, NIH_SC, RSNA_JPEG, *PNGS]
+
+
+def reference(path: Path, resolution: int) -> np.ndarray:
+    """TorchXRayVision's path: read_xray_dcm (or normalize(img, 255) for a bitmap, first
+    channel), XRayCenterCrop, then the resize the model applies in fix_resolution."""
+    import skimage.io
+    import torchxrayvision as xrv
+
+    if path.suffix == ".dcm":
+        image = xrv.utils.read_xray_dcm(str(path))[None]
+    else:
+        image = xrv.datasets.normalize(skimage.io.imread(path), 255)
+        image = (image[:, :, 0] if image.ndim > 2 else image)[None]
+    image = xrv.datasets.XRayCenterCrop()(image)
+    return xrv.utils.fix_resolution(torch.from_numpy(np.ascontiguousarray(image)),
+                                    resolution, reference).numpy()
+
+
+@pytest.fixture(scope="module")
+def tiny_with_pixels(tmp_path_factory) -> Path:
+    """The tiny CR fixture has a full header but no Pixel Data: give it 12-bit pixels."""
+    ds = pydicom.dcmread(TINY_CR)
+    rng = np.random.default_rng(7)
+    ds.PixelData = rng.integers(0, 4096, (32, 32), dtype=np.uint16).tobytes()
+    ds["PixelData"].VR = "OW"
+    path = tmp_path_factory.mktemp("tiny") / "tiny_with_pixels.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("resolution", [224, 512])
+@pytest.mark.parametrize("path", CLASSIFIABLE, ids=lambda p: p.name)
+def test_same_array_as_torchxrayvision(path, resolution):
+    ours = prepare_file(path, resolution).array
+    expected = reference(path, resolution)
+    assert ours.shape == expected.shape == (1, 1, resolution, resolution)
+    assert ours.dtype == np.float32
+    assert np.abs(ours - expected).max() < 1e-3
+    # The antialiased resize may overshoot by a rounding error, in both implementations.
+    assert -1024.01 <= ours.min() and ours.max() <= 1024.01
+
+
+def test_same_array_for_12_bit_monochrome1_upscaled(tiny_with_pixels):
+    ours = prepare_file(tiny_with_pixels, 224).array
+    assert np.abs(ours - reference(tiny_with_pixels, 224)).max() < 1e-3
+
+
+def test_tiny_fixture_without_pixel_data_is_refused_with_a_reason():
+    with pytest.raises(errors.NoPixelDataError, match="no Pixel Data element"):
+        prepare_file(TINY_CR, 224)
+
+
+@pytest.mark.parametrize("model", ["densenet121-res224-all", "resnet50-res512-all",
+                                   "jfhealthcare-densenet121-res512"])
+def test_same_scores_as_torchxrayvision(model, untrained_weights):
+    classifier = Classifier.load(model, untrained_weights(model), allow_untrained=True)
+    ours = classifier.predict(np.concatenate(
+        [prepare_file(p, classifier.resolution).array for p in CLASSIFIABLE]))
+    # The reference hands the model whatever it has; the model's own forward resizes it.
+    indices = [label.index for label in classifier.spec.labels]
+    with torch.inference_mode():
+        expected = np.concatenate([
+            classifier.network(torch.from_numpy(reference(p, classifier.resolution)))
+            .numpy()[:, indices] for p in CLASSIFIABLE])
+    assert np.abs(ours - expected).max() < 1e-5
+    assert ours.std() > 1e-4  # the images are told apart, so the comparison means something
+
+
+def test_monochrome1_is_inverted():
+    ds = pydicom.dcmread(WG04_CR)
+    assert ds.PhotometricInterpretation == "MONOCHROME1"
+    inverted = prepare_dataset(ds, 224).array
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    plain = prepare_dataset(ds, 224).array
+    assert np.allclose(inverted, -plain, atol=0.05)
+
+
+def test_bits_above_bits_stored_are_masked():
+    ds = pydicom.dcmread(WG04_CR)
+    clean = prepare_dataset(ds, 224).array
+    pixels = ds.pixel_array | np.uint16(1 << 15)  # an overlay in the unused high bit
+    ds.PixelData = pixels.tobytes()
+    assert np.array_equal(prepare_dataset(ds, 224).array, clean)
+
+
+def _recode(source: Path, syntax, tmp_path: Path, **kwargs) -> Path:
+    ds = pydicom.dcmread(source)
+    if syntax == DeflatedExplicitVRLittleEndian:
+        ds.file_meta.TransferSyntaxUID = syntax
+    else:
+        ds.compress(syntax, **kwargs)
+    path = tmp_path / f"{source.stem}-{syntax.name.replace(' ', '_')[:20]}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == syntax
+    return path
+
+
+@pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless, JPEGLSLossless,
+                                    DeflatedExplicitVRLittleEndian], ids=lambda s: s.name)
+@pytest.mark.parametrize("source", [NIH_SC, WG04_CR], ids=lambda p: p.name)
+def test_lossless_transfer_syntaxes_decode_to_the_same_array(source, syntax, tmp_path):
+    recoded = _recode(source, syntax, tmp_path)
+    assert np.array_equal(prepare_file(recoded, 224).array, prepare_file(source, 224).array)
+
+
+def test_jpeg_baseline_decodes_through_the_plugin():
+    ds = pydicom.dcmread(RSNA_JPEG)
+    assert ds.file_meta.TransferSyntaxUID == pydicom.uid.JPEGBaseline8Bit
+    assert prepare_file(RSNA_JPEG, 224).array.std() > 100
+
+
+def test_pad_keeps_the_whole_field_of_view():
+    padded = prepare_file(WG04_CR, 224, ConvertOptions(fit="pad")).array[0, 0]
+    cropped = prepare_file(WG04_CR, 224).array[0, 0]
+    assert padded.shape == cropped.shape == (224, 224)
+    # 1955 rows x 1841 columns: padding adds black columns at the left and right edges.
+    assert np.allclose(padded[:, 0], -1024, atol=0.01)
+    assert np.allclose(padded[:, -1], -1024, atol=0.01)
+    assert not np.array_equal(padded, cropped)
+
+
+def test_voi_and_modality_lut_are_explicit_options():
+    plain = prepare_file(WG04_CR, 224).array
+    windowed = prepare_file(WG04_CR, 224, ConvertOptions(voi_lut=True)).array
+    assert not np.allclose(plain, windowed)
+    assert -1024.01 <= windowed.min() and windowed.max() <= 1024.01
+    # This CR's rescale is the identity, so the modality LUT changes nothing.
+    rescaled = prepare_file(WG04_CR, 224, ConvertOptions(modality_lut=True)).array
+    assert np.allclose(plain, rescaled, atol=1e-3)
+
+
+# --- inputs that must be refused, each with its own typed error --------------------------
+
+
+@pytest.mark.parametrize("name, error", [
+    ("SC_rgb.dcm", errors.NotGreyscaleError),
+    ("US_ybr_j2k.dcm", errors.NotGreyscaleError),
+    ("highdicom_sr_document.dcm", errors.NoPixelDataError),
+])
+def test_reject_fixtures(name, error):
+    with pytest.raises(error) as info:
+        prepare_file(REJECT / name, 224)
+    assert info.value.reason == error.reason
+    assert str(REJECT / name) in str(info.value)
+
+
+def test_structured_report_says_what_it_is():
+    with pytest.raises(errors.NoPixelDataError, match="Structured Report"):
+        read_dicom(REJECT / "highdicom_sr_document.dcm")
+
+
+def test_multi_frame(tmp_path):
+    ds = pydicom.dcmread(NIH_SC)
+    ds.NumberOfFrames = 2
+    ds.PixelData = ds.PixelData * 2
+    path = tmp_path / "two-frames.dcm"
+    ds.save_as(path)
+    with pytest.raises(errors.MultiFrameError, match="2 frames"):
+        prepare_file(path, 224)
+
+
+def test_undecodable_pixel_data(tmp_path):
+    ds = pydicom.dcmread(RSNA_JPEG)
+    fragments = list(pydicom.encaps.generate_fragments(ds.PixelData))
+    garbage = b"\xff\xd8" + bytes(range(256)) * 40 + b"\xff\xd9"
+    assert fragments
+    ds.PixelData = pydicom.encaps.encapsulate([garbage])
+    path = tmp_path / "garbled-jpeg.dcm"
+    ds.save_as(path)
+    with pytest.raises(errors.UndecodablePixelDataError, match="JPEG Baseline"):
+        prepare_file(path, 224)
+
+
+@pytest.mark.parametrize("content", [b"hello, this is a text file\n" * 20,
+                                     bytes(range(256)) * 4])
+def test_not_dicom(tmp_path, content):
+    path = tmp_path / "notes.txt"
+    path.write_bytes(content)
+    with pytest.raises(errors.NotAnImageError, match="not a DICOM file"):
+        prepare_file(path, 224)
+
+
+def test_zero_byte_file(tmp_path):
+    path = tmp_path / "empty.dcm"
+    path.touch()
+    with pytest.raises(errors.EmptyFileError, match="empty"):
+        prepare_file(path, 224)
+
+
+@pytest.mark.parametrize("source", [NIH_SC, RSNA_JPEG, PNGS[0]], ids=lambda p: p.name)
+def test_truncated_files(source, tmp_path):
+    path = tmp_path / source.name
+    data = source.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(errors.TruncatedFileError):
+        prepare_file(path, 224)
+
+
+def test_raw_dataset_without_preamble_is_read(tmp_path):
+    """Some archives hold datasets without the 128-byte preamble and 'DICM'."""
+    ds = pydicom.dcmread(NIH_SC)
+    path = tmp_path / "raw.dcm"
+    pydicom.dcmwrite(path, ds, enforce_file_format=False, implicit_vr=True,
+                     little_endian=True)
+    path.write_bytes(path.read_bytes()[132:] if path.read_bytes()[128:132] == b"DICM"
+                     else path.read_bytes())
+    assert np.array_equal(prepare_file(path, 224).array, prepare_file(NIH_SC, 224).array)
+
+
+def test_rgb_png_uses_the_first_channel(tmp_path):
+    from PIL import Image
+
+    grey = np.asarray(Image.open(PNGS[0]))
+    rgb = np.stack([grey, grey // 2, grey // 3], axis=-1)
+    path = tmp_path / "rgb.png"
+    Image.fromarray(rgb).save(path)
+    jpeg = tmp_path / "grey.jpg"
+    Image.fromarray(grey).save(jpeg, quality=95)
+    assert np.array_equal(prepare_file(path, 224).array, prepare_file(PNGS[0], 224).array)
+    assert np.abs(prepare_file(jpeg, 224).array - prepare_file(PNGS[0], 224).array).max() < 40
+
+
+def test_copy_keeps_file_untouched(tmp_path):
+    """Conversion reads in place and never writes to the input."""
+    path = tmp_path / WG04_CR.name
+    shutil.copy(WG04_CR, path)
+    before = path.read_bytes()
+    prepare_file(path, 224)
+    assert path.read_bytes() == before

@@ -1,0 +1,163 @@
+"""Turn a radiograph into the array TorchXRayVision models expect: float32, 1x1xRxR, values in
+[-1024, 1024], at the model's resolution.
+
+The default reproduces TorchXRayVision's own path exactly: `read_xray_dcm` (MONOCHROME1
+inverted, scaled by 2**BitsStored - 1) or `normalize(img, 255)` for 8-bit bitmaps, then
+`XRayCenterCrop`, then the resize the models apply themselves in `fix_resolution` (bilinear with
+antialias). Doing that resize here, once per image, means the model sees an input already at
+its native size and does no work of its own. VOI LUT, modality LUT and padding are explicit
+opt-ins.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from .read import decode_pixels, image_kind, read_bitmap, read_dicom
+
+XRV_RANGE = 1024.0
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    voi_lut: bool = False
+    modality_lut: bool = False
+    fit: Literal["crop", "pad"] = "crop"
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    array: np.ndarray  # float32, shape (1, 1, resolution, resolution)
+    source_shape: tuple[int, int]  # rows, columns as stored
+    photometric: str  # MONOCHROME1, MONOCHROME2, or the bitmap mode
+    bits_stored: int
+
+
+def normalize(pixels: np.ndarray, maxval: int) -> np.ndarray:
+    """TorchXRayVision's `normalize`, bit for bit: [0, maxval] -> [-1024, 1024].
+    Same float32 operations in the same order, done in place to spare four large copies."""
+    out = pixels.astype(np.float32)
+    np.divide(out, np.float32(maxval), out=out)
+    np.multiply(out, np.float32(2), out=out)
+    np.subtract(out, np.float32(1.0), out=out)
+    np.multiply(out, np.float32(XRV_RANGE), out=out)
+    return out
+
+
+def dataset_to_normalized(ds: Dataset, options: ConvertOptions = ConvertOptions(),
+                          path: object = "<dataset>") -> np.ndarray:
+    """A checked greyscale dataset (see read.check_dataset) -> 2-D float32 in [-1024, 1024]."""
+    return stored_to_normalized(decode_pixels(ds, path), ds, options)
+
+
+def stored_to_normalized(pixels: np.ndarray, ds: Dataset,
+                         options: ConvertOptions = ConvertOptions()) -> np.ndarray:
+    """Stored pixel values (all of them, or a crop) -> float32 in [-1024, 1024]. Every step
+    is per pixel, so cropping first gives the same values for less work."""
+    bits_stored = int(ds.get("BitsStored") or ds.BitsAllocated)
+    maxval = 2**bits_stored - 1
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1:
+        # Signed storage: shift into [0, maxval] so that black stays black.
+        pixels = pixels.astype(np.int64) + 2 ** (bits_stored - 1)
+    elif pixels.dtype.kind in "ui" and int(pixels.max(initial=0)) > maxval:
+        # Bits above BitsStored are not pixel data (overlays, garbage): mask them off.
+        pixels = pixels & maxval
+    values: np.ndarray = pixels
+    if options.modality_lut:
+        values = _modality_to_stored_range(values, ds, maxval)
+    if options.voi_lut:
+        from pydicom.pixels import apply_voi_lut
+
+        values = np.clip(apply_voi_lut(values, ds, index=0), 0, maxval)
+    if str(ds.PhotometricInterpretation).strip() == "MONOCHROME1":
+        values = maxval - values
+    return normalize(values, maxval)
+
+
+def _modality_to_stored_range(values: np.ndarray, ds: Dataset, maxval: int) -> np.ndarray:
+    """Apply the Modality LUT / rescale, then map its output range back onto [0, maxval] so
+    that the usual scaling to [-1024, 1024] still applies."""
+    from pydicom.pixels import apply_modality_lut
+
+    out = np.asarray(apply_modality_lut(values, ds), dtype=np.float64)
+    ends = np.asarray(apply_modality_lut(np.array([0, maxval]), ds), dtype=np.float64)
+    low, high = float(ends.min()), float(ends.max())
+    if high <= low:
+        return np.zeros_like(out)
+    return np.clip((out - low) / (high - low) * maxval, 0, maxval)
+
+
+def bitmap_to_normalized(pixels: np.ndarray) -> np.ndarray:
+    """8-bit bitmaps as TorchXRayVision's `normalize(img, 255)`; 16-bit ones by 65535."""
+    maxval = 255 if pixels.dtype == np.uint8 or int(pixels.max(initial=0)) <= 255 else 65535
+    return normalize(pixels, maxval)
+
+
+def center_crop(image: np.ndarray) -> np.ndarray:
+    """TorchXRayVision's `XRayCenterCrop` on a 2-D array (same offsets), as a view."""
+    rows, cols = image.shape
+    size = min(rows, cols)
+    top = rows // 2 - size // 2
+    left = cols // 2 - size // 2
+    return image[top:top + size, left:left + size]
+
+
+def fit_square(image: np.ndarray, fit: Literal["crop", "pad"] = "crop") -> np.ndarray:
+    """Make a 2-D image square: TorchXRayVision's `XRayCenterCrop` (same offsets), or pad the
+    short side with black (-1024) to keep the whole field of view."""
+    rows, cols = image.shape
+    if rows == cols:
+        return image
+    if fit == "crop":
+        return center_crop(image)
+    size = max(rows, cols)
+    out = np.full((size, size), -XRV_RANGE, dtype=np.float32)
+    top, left = (size - rows) // 2, (size - cols) // 2
+    out[top:top + rows, left:left + cols] = image
+    return out
+
+
+def resize(square: np.ndarray, resolution: int) -> np.ndarray:
+    """(N, N) -> (1, 1, R, R) exactly as TorchXRayVision's `fix_resolution` resizes."""
+    import torch
+
+    tensor = torch.from_numpy(np.ascontiguousarray(square, dtype=np.float32))[None, None]
+    if square.shape != (resolution, resolution):
+        tensor = torch.nn.functional.interpolate(
+            tensor, size=(resolution, resolution), mode="bilinear", antialias=True
+        )
+    return tensor.numpy()
+
+
+def prepare_dataset(ds: Dataset, resolution: int, options: ConvertOptions = ConvertOptions(),
+                    path: object = "<dataset>") -> ModelInput:
+    pixels = decode_pixels(ds, path)
+    if options.fit == "crop":
+        pixels = center_crop(pixels)
+    square = fit_square(stored_to_normalized(pixels, ds, options), options.fit)
+    return ModelInput(
+        array=resize(square, resolution),
+        source_shape=(int(ds.Rows), int(ds.Columns)),
+        photometric=str(ds.PhotometricInterpretation).strip(),
+        bits_stored=int(ds.get("BitsStored") or ds.BitsAllocated),
+    )
+
+
+def prepare_file(path: str | os.PathLike, resolution: int,
+                 options: ConvertOptions = ConvertOptions()) -> ModelInput:
+    """Any supported file -> model input; raises a typed ImageError when it cannot."""
+    if image_kind(path) == "bitmap":
+        pixels = read_bitmap(path)
+        image = bitmap_to_normalized(pixels)
+        return ModelInput(
+            array=resize(fit_square(image, options.fit), resolution),
+            source_shape=(int(pixels.shape[0]), int(pixels.shape[1])),
+            photometric="MONOCHROME2",
+            bits_stored=8 if pixels.dtype == np.uint8 else 16,
+        )
+    return prepare_dataset(read_dicom(path), resolution, options, path)

@@ -1,0 +1,175 @@
+"""Read an input file: DICOM (any transfer syntax pydicom's plugins decode), PNG or JPEG.
+
+Each way a file can be unusable raises its own typed error (see errors.py) with a message a
+person can act on. Reading is lenient (real modalities write imperfect headers); only what
+conversion truly needs is checked.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from ..errors import (
+    EmptyFileError,
+    ImageError,
+    MultiFrameError,
+    NoPixelDataError,
+    NotAnImageError,
+    NotGreyscaleError,
+    TruncatedFileError,
+    UndecodablePixelDataError,
+)
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_IMAGE_ATTRIBUTES = ("Rows", "Columns", "BitsAllocated")
+
+
+def sniff(path: str | os.PathLike) -> str:
+    """'dicom', 'png', 'jpeg' or 'unknown', from the first bytes; raises for an empty file."""
+    with open(path, "rb") as f:
+        head = f.read(132)
+    if not head:
+        raise EmptyFileError(path, "the file is empty (0 bytes); was the copy interrupted?")
+    if len(head) == 132 and head[128:132] == b"DICM":
+        return "dicom"
+    if head.startswith(_PNG_MAGIC):
+        return "png"
+    if head.startswith(_JPEG_MAGIC):
+        return "jpeg"
+    return "unknown"
+
+
+def read_dicom(path: str | os.PathLike) -> Dataset:
+    """Read a DICOM file whole and check it holds one greyscale frame we can decode later."""
+    kind = sniff(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ds = pydicom.dcmread(path, force=kind != "dicom")
+        except InvalidDicomError as exc:
+            raise NotAnImageError(path, _not_an_image_detail()) from exc
+        except (EOFError, OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+            if kind == "dicom":
+                raise TruncatedFileError(
+                    path, f"the DICOM header cannot be read ({exc}); the file looks truncated "
+                    "or corrupt, send it again"
+                ) from exc
+            raise NotAnImageError(path, _not_an_image_detail()) from exc
+    if kind != "dicom" and "SOPClassUID" not in ds and "PixelData" not in ds:
+        # force=True parses almost anything; without these it was not DICOM at all.
+        raise NotAnImageError(path, _not_an_image_detail())
+    if any("End of file" in str(w.message) for w in caught):
+        raise TruncatedFileError(
+            path, "the file ends in the middle of an element (truncated); send it again"
+        )
+    check_dataset(ds, path)
+    return ds
+
+
+def _not_an_image_detail() -> str:
+    return ("not a DICOM file (no 'DICM' marker at byte 128) and not a PNG or JPEG image; "
+            "xrvd reads DICOM, PNG and JPEG")
+
+
+def check_dataset(ds: Dataset, path: object = "<dataset>") -> None:
+    """Raise the typed error that explains why this dataset is not one greyscale image."""
+    if "PixelData" not in ds:
+        sop = getattr(ds.get("SOPClassUID"), "name", None) or "unknown SOP class"
+        if all(attr in ds for attr in _IMAGE_ATTRIBUTES):
+            raise NoPixelDataError(
+                path, f"{sop}: the header describes a {ds.Rows}x{ds.Columns} image but there is "
+                "no Pixel Data element (the file was cut short or sent without its pixels); "
+                "send the complete image"
+            )
+        what = "a Structured Report" if "SR" in str(ds.get("Modality", "")) else "not an image"
+        raise NoPixelDataError(path, f"{what} ({sop}): it has no Pixel Data to classify")
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" not in meta:
+        # Files without a meta header (raw datasets) are implicit VR little endian by rule.
+        ds.file_meta = meta if meta is not None else pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if photometric not in ("MONOCHROME1", "MONOCHROME2") or samples != 1:
+        raise NotGreyscaleError(
+            path, f"photometric interpretation {photometric or '(missing)'} with {samples} "
+            "sample(s) per pixel: chest X-ray models need a greyscale (MONOCHROME1/2) image"
+        )
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames != 1:
+        raise MultiFrameError(
+            path, f"{frames} frames: xrvd classifies single-frame radiographs only"
+        )
+
+
+def decode_pixels(ds: Dataset, path: object = "<dataset>") -> np.ndarray:
+    """The stored pixel values as a 2-D array (pydicom's plugins do the decoding)."""
+    syntax = ds.file_meta.TransferSyntaxUID
+    try:
+        pixels = ds.pixel_array
+    except ValueError as exc:
+        if "less than expected" in str(exc) or "truncat" in str(exc).lower():
+            raise TruncatedFileError(
+                path, f"the pixel data is shorter than the header says ({exc}); send it again"
+            ) from exc
+        raise UndecodablePixelDataError(path, _undecodable(syntax, exc)) from exc
+    except Exception as exc:  # plugins raise RuntimeError, NotImplementedError and others
+        raise UndecodablePixelDataError(path, _undecodable(syntax, exc)) from exc
+    if pixels.ndim != 2:
+        raise MultiFrameError(path, f"decoded pixel array has shape {pixels.shape}, not 2-D")
+    return pixels
+
+
+def _undecodable(syntax: pydicom.uid.UID, exc: Exception) -> str:
+    return (f"cannot decode the pixel data ({syntax.name}): {exc}. If the transfer syntax is "
+            "compressed, check that pylibjpeg, pylibjpeg-libjpeg and pylibjpeg-openjpeg are "
+            "installed; otherwise the pixel data is corrupt")
+
+
+def read_bitmap(path: str | os.PathLike) -> np.ndarray:
+    """PNG or JPEG pixels as a 2-D array, the way TorchXRayVision's `load_image` reads them:
+    the first channel of a colour image, values as stored (8 or 16 bit)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode == "P":
+                image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+            elif image.mode == "1":
+                image = image.convert("L")
+            elif image.mode == "CMYK" or image.mode.startswith("YCbCr"):
+                image = image.convert("RGB")
+            pixels = np.asarray(image)
+    except UnidentifiedImageError as exc:
+        raise NotAnImageError(path, _not_an_image_detail()) from exc
+    except OSError as exc:
+        if "truncated" in str(exc).lower():
+            raise TruncatedFileError(path, f"the image file is truncated ({exc})") from exc
+        raise UndecodablePixelDataError(path, f"cannot decode the image: {exc}") from exc
+    except SyntaxError as exc:  # PIL's PNG reader reports broken chunks this way
+        raise TruncatedFileError(path, f"the image file is corrupt or truncated ({exc})") from exc
+    if pixels.ndim == 3:
+        pixels = pixels[:, :, 0]
+    if pixels.ndim != 2:
+        raise ImageError(path, f"unexpected image shape {pixels.shape}")
+    return pixels
+
+
+def image_kind(path: str | os.PathLike) -> str:
+    """The reader for a path: 'dicom' or 'bitmap' (raises for empty and unknown files)."""
+    kind = sniff(path)
+    if kind in ("png", "jpeg"):
+        return "bitmap"
+    if kind == "unknown" and Path(path).suffix.lower() in (".png", ".jpg", ".jpeg"):
+        return "bitmap"
+    return "dicom"
