@@ -1,0 +1,172 @@
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+
+from xrvd.cli import main
+from xrvd.pipeline.registry import get_spec
+
+from .conftest import NIH_SC, PNGS, REJECT, RSNA_JPEG, WG04_CR
+
+MODEL = "densenet121-res224-all"
+FILES = [WG04_CR, NIH_SC, RSNA_JPEG, PNGS[0]]
+
+
+@pytest.fixture
+def run(untrained_weights, allow_untrained, capsys):
+    def run(*args: str, model: str = MODEL):
+        code = main(["classify", *map(str, args), "--weights-dir",
+                     str(untrained_weights(model))])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+def test_json_lists_every_label_strongest_first(run):
+    code, out, _ = run(*FILES, "--format", "json")
+    assert code == 0
+    document = json.loads(out)
+    assert document["model"]["name"] == MODEL
+    assert document["untrained"] is True and "NOT a diagnosis" in document["warning"]
+    assert document["threshold"] == 0.5
+    assert [r["file"] for r in document["results"]] == [str(f) for f in FILES]
+    for result in document["results"]:
+        labels = [f["label"] for f in result["findings"]]
+        assert sorted(labels) == sorted(get_spec(MODEL).label_names)
+        scores = [f["score"] for f in result["findings"]]
+        assert scores == sorted(scores, reverse=True)
+        assert all(f["positive"] == (f["score"] >= 0.5) for f in result["findings"])
+
+
+def test_threshold_and_weights_alias(run):
+    _, out, _ = run(NIH_SC, "--format", "json", "--weights", "densenet121-res224-rsna",
+                    "--threshold", "0.9", model="densenet121-res224-rsna")
+    document = json.loads(out)
+    assert document["model"]["name"] == "densenet121-res224-rsna"
+    assert document["threshold"] == 0.9
+    findings = document["results"][0]["findings"]
+    assert {f["label"] for f in findings} == {"Pneumonia", "Lung Opacity"}
+    assert all(f["positive"] == (f["score"] >= 0.9) for f in findings)
+
+
+def test_table_marks_untrained_output_and_sorts(run):
+    code, out, _ = run(RSNA_JPEG)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == str(RSNA_JPEG)
+    assert "NOT a diagnosis" in out
+    rows = [line.split() for line in lines[4:] if line.strip()]
+    scores = [float(next(tok for tok in row if tok.replace(".", "").isdigit())) for row in rows]
+    assert len(rows) == 18 and scores == sorted(scores, reverse=True)
+    assert "POSITIVE" not in out  # untrained scores are never called findings
+
+
+def test_csv_has_a_row_per_file_and_label(run):
+    code, out, _ = run(*FILES, "--format", "csv")
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert len(rows) == len(FILES) * 18
+    assert {row["untrained"] for row in rows} == {"true"}
+    assert {row["file"] for row in rows} == {str(f) for f in FILES}
+    assert all(0 <= float(row["score"]) <= 1 for row in rows)
+
+
+def test_bad_files_are_reported_and_the_rest_classified(run, tmp_path):
+    empty = tmp_path / "empty.dcm"
+    empty.touch()
+    files = [NIH_SC, REJECT / "SC_rgb.dcm", empty, REJECT / "highdicom_sr_document.dcm",
+             RSNA_JPEG]
+    code, out, err = run(*files, "--format", "json")
+    assert code == 1
+    assert "3 of 5 file(s) could not be classified" in err
+    results = json.loads(out)["results"]
+    assert [r.get("error", {}).get("reason") for r in results] == [
+        None, "not_greyscale", "empty_file", "no_pixel_data", None]
+    assert len(results[0]["findings"]) == 18 and len(results[4]["findings"]) == 18
+
+    code, out, _ = run(*files, "--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [r["error_reason"] for r in rows if r["error_reason"]] == [
+        "not_greyscale", "empty_file", "no_pixel_data"]
+
+    code, out, _ = run(*files)
+    assert "NOT CLASSIFIED (not_greyscale)" in out
+
+
+def test_batching_does_not_change_scores(run):
+    _, one_by_one, _ = run(*FILES, "--format", "json", "--batch-size", "1")
+    _, batched, _ = run(*FILES, "--format", "json", "--batch-size", "3")
+
+    def scores(text):
+        return np.array([[f["score"] for f in sorted(r["findings"], key=lambda f: f["label"])]
+                         for r in json.loads(text)["results"]])
+
+    assert np.abs(scores(one_by_one) - scores(batched)).max() < 1e-5
+
+
+def test_non_finite_scores_are_never_reported(run, tmp_path):
+    """White noise drives the untrained JF network to NaN: the file is reported as failed."""
+    from PIL import Image
+
+    noise = np.random.default_rng(0).integers(0, 256, (512, 512), dtype=np.uint8)
+    path = tmp_path / "noise.png"
+    Image.fromarray(noise).save(path)
+    code, out, _ = run(path, NIH_SC, "--format", "json",
+                       "--model", "jfhealthcare-densenet121-res512",
+                       model="jfhealthcare-densenet121-res512")
+    results = json.loads(out)["results"]
+    assert results[0]["error"]["reason"] == "non_finite_scores"
+    assert all(np.isfinite(f["score"]) for f in results[1]["findings"])
+    assert code == 1
+
+
+def test_missing_weights_exit_2_with_instructions(tmp_path, capsys):
+    assert main(["classify", str(NIH_SC), "--weights-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "xrvd models fetch densenet121-res224-all" in err
+    assert "xrvd models import densenet121-res224-all" in err
+
+
+def test_bad_threshold_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["classify", str(NIH_SC), "--threshold", "1.7"])
+    assert info.value.code == 2
+    assert "must be between 0 and 1, got 1.7" in capsys.readouterr().err
+
+
+def test_demo_without_network_runs_untrained_and_says_so(tmp_path, capsys, monkeypatch):
+    from xrvd.pipeline.untrained import ALLOW_UNTRAINED_ENV
+
+    monkeypatch.delenv(ALLOW_UNTRAINED_ENV, raising=False)
+    config = tmp_path / "xrvd.yaml"
+    # Nothing listens on loopback port 9: the download fails at once, as offline.
+    config.write_text(f"state_dir: {tmp_path}\nmodel:\n  download_url: http://127.0.0.1:9\n")
+    assert main(["demo", "-c", str(config)]) == 0
+    captured = capsys.readouterr()
+    assert "The real weights are not available here" in captured.err
+    assert "NOT A DIAGNOSIS" in captured.err
+    assert "rsna_cr_chest_jpeg_baseline.dcm" in captured.out
+    assert "n/a (untrained)" in captured.out and "POSITIVE" not in captured.out
+    assert not (tmp_path / "models" / get_spec(MODEL).weights_file).exists()
+
+
+def test_demo_with_weights_present_uses_them(untrained_weights, tmp_path, capsys):
+    """With weights in place the demo classifies with them (and never falls back)."""
+    import torch
+
+    from xrvd.pipeline.weights import UNTRAINED_MARKER
+
+    spec = get_spec(MODEL)
+    network = torch.load(untrained_weights(MODEL) / spec.weights_file, weights_only=False)
+    delattr(network, UNTRAINED_MARKER)
+    (tmp_path / "models").mkdir()
+    torch.save(network, tmp_path / "models" / spec.weights_file)
+    config = tmp_path / "xrvd.yaml"
+    config.write_text(f"state_dir: {tmp_path}\n")
+    assert main(["demo", "-c", str(config)]) == 0
+    captured = capsys.readouterr()
+    assert "not available" not in captured.err
+    assert "Finding" in captured.out and "untrained" not in captured.out

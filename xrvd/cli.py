@@ -1,0 +1,170 @@
+"""Command line: argument parsing and dispatch only. `main(argv) -> exit code`.
+
+Exit codes: 0 done; 1 some inputs could not be classified (the rest were); 2 usage,
+configuration or model errors (nothing was done).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import ConfigError, XrvdError
+
+EXIT_OK, EXIT_PARTIAL, EXIT_ERROR = 0, 1, 2
+
+
+def _threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, got {text!r}")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .classify import FORMATS
+    from .pipeline.registry import MODELS
+
+    parser = argparse.ArgumentParser(
+        prog="xrvd", description="DICOM integration daemon for chest X-ray AI "
+        "(TorchXRayVision models, DICOM SR output).")
+    parser.add_argument("--version", action="version", version=f"xrvd {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", metavar="FILE",
+                        default=os.environ.get("XRVD_CONFIG"),
+                        help="YAML config file (default: $XRVD_CONFIG, else built-in defaults)")
+    common.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                        default=None, help="events on stderr (default: warning)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    classify = sub.add_parser(
+        "classify", parents=[common], help="classify image files (DICOM, PNG, JPEG)",
+        description="Score chest X-ray files with one model and print each label's score and "
+        "call, strongest findings first.")
+    classify.add_argument("files", nargs="+", metavar="FILE")
+    classify.add_argument("-m", "--model", "--weights", dest="model", choices=list(MODELS),
+                          metavar="NAME", help="model (default: model.name from the config); "
+                          "--weights is accepted as in TorchXRayVision's scripts")
+    classify.add_argument("-t", "--threshold", type=_threshold,
+                          help="call positive at or above this score (default: 0.5, the "
+                          "operating point the calibration maps to 0.5)")
+    classify.add_argument("-f", "--format", choices=FORMATS, default="table")
+    classify.add_argument("--batch-size", type=_positive_int)
+    classify.add_argument("--weights-dir", type=Path, help="override model.weights_dir")
+
+    check = sub.add_parser("check-config", help="validate a config file and print the "
+                           "effective configuration")
+    check.add_argument("file", metavar="FILE")
+
+    models = sub.add_parser("models", help="list, fetch or import model weights")
+    models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    listing = models_sub.add_parser("list", parents=[common],
+                                    help="every supported model and its weights")
+    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--verify", action="store_true",
+                         help="load each present weights file to check it")
+    fetch = models_sub.add_parser("fetch", parents=[common],
+                                  help="download published weights into the weights folder")
+    fetch.add_argument("name", choices=list(MODELS), metavar="NAME")
+    fetch.add_argument("--url", metavar="BASE_URL",
+                       help="download from this mirror instead (default: model.download_url, "
+                       "else TorchXRayVision's release page)")
+    imp = models_sub.add_parser("import", parents=[common],
+                                help="stage a weights file carried in by hand (offline sites)")
+    imp.add_argument("name", choices=list(MODELS), metavar="NAME")
+    imp.add_argument("file", type=Path, metavar="FILE")
+
+    sub.add_parser("demo", parents=[common],
+                   help="classify the bundled sample chest X-ray end to end")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"xrvd: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except XrvdError as exc:
+        print(f"xrvd: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("xrvd: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from . import log
+    from .config import load_config
+
+    if args.command == "check-config":
+        config = load_config(args.file)
+        print(f"# {args.file}: valid. Effective configuration (defaults filled in):")
+        print(config.to_yaml(), end="")
+        return EXIT_OK
+
+    config = load_config(args.config)
+    log.configure(args.log_level or "warning", "console", stream=sys.stderr,
+                  include_patient_identifiers=config.log.include_patient_identifiers)
+    if args.command == "classify":
+        return _classify(args, config)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(config)
+    return _models(args, config)
+
+
+def _classify(args: argparse.Namespace, config) -> int:
+    from .classify import classify_files, render
+    from .pipeline.convert import ConvertOptions
+    from .pipeline.models import Classifier
+
+    threshold = config.model.threshold if args.threshold is None else args.threshold
+    classifier = Classifier.load(
+        args.model or config.model.name, args.weights_dir or config.weights_dir,
+        allow_download=config.model.allow_download, download_url=config.model.download_url,
+        device=config.model.device, threads=config.model.threads)
+    results = classify_files(
+        args.files, classifier, threshold=threshold,
+        batch_size=args.batch_size or config.model.batch_size,
+        options=ConvertOptions(**config.convert.model_dump()))
+    sys.stdout.write(render(results, classifier.identity, threshold, args.format))
+    if not sys.stdout.isatty() or args.format != "table":
+        sys.stdout.flush()
+    failed = [r for r in results if r.error is not None]
+    if failed:
+        print(f"xrvd: {len(failed)} of {len(results)} file(s) could not be classified",
+              file=sys.stderr)
+        return EXIT_PARTIAL
+    return EXIT_OK
+
+
+def _models(args: argparse.Namespace, config) -> int:
+    from . import modeladmin
+
+    if args.models_command == "list":
+        rows = modeladmin.list_models(config.weights_dir, verify=args.verify)
+        print(modeladmin.render_list(rows, config.weights_dir, args.json))
+        return EXIT_OK
+    if args.models_command == "fetch":
+        path = modeladmin.fetch(args.name, config.weights_dir,
+                                args.url or config.model.download_url)
+        print(f"{args.name}: weights verified and installed at {path}")
+        return EXIT_OK
+    path = modeladmin.import_weights(args.name, args.file, config.weights_dir)
+    print(f"{args.name}: weights verified and installed at {path}")
+    return EXIT_OK
