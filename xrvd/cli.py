@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("name", choices=list(MODELS), metavar="NAME")
     imp.add_argument("file", type=Path, metavar="FILE")
 
+    sub.add_parser("serve", parents=[common],
+                   help="run the daemon: receive, classify, report (until SIGTERM)")
     sub.add_parser("demo", parents=[common],
                    help="classify the bundled sample chest X-ray end to end")
     return parser
@@ -117,6 +119,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     config = load_config(args.config)
+    if args.command == "serve":
+        from .daemon import serve
+
+        return serve(config)
     log.configure(args.log_level or "warning", "console", stream=sys.stderr,
                   include_patient_identifiers=config.log.include_patient_identifiers)
     if args.command == "classify":

@@ -71,6 +71,75 @@ class ConvertConfig(Section):
     fit: Literal["crop", "pad"] = "crop"
 
 
+def _ae_title(value: str) -> str:
+    if not value.strip() or len(value) > 16 or "\\" in value or not value.isprintable():
+        raise ValueError(f"must be 1 to 16 printable characters without a backslash, got {value!r}")
+    return value.strip()
+
+
+AETitle = Annotated[str, AfterValidator(_ae_title)]
+
+
+class ScpConfig(Section):
+    enabled: bool = True
+    ae_title: AETitle = "XRVD"
+    # Loopback by default: listening on the hospital network is a deliberate choice.
+    bind: str = "127.0.0.1"
+    # 0 picks a free port (the `scp.listening` event says which); for tests.
+    port: int = Field(default=11112, ge=0, le=65535)
+    # Calling AE titles allowed to send; ["*"] accepts any. Empty: nobody can send yet.
+    allowed_calling_aets: list[AETitle | Literal["*"]] = Field(default_factory=list)
+    # Peer addresses or networks (CIDR) allowed to connect; empty allows any.
+    allowed_peers: list[str] = Field(default_factory=list)
+    max_associations: int = Field(default=10, ge=1, le=1000)
+    max_pdu: int = Field(default=131072, ge=4096, le=2**26)
+    max_instance_bytes: int = Field(default=512 * 2**20, ge=1024)
+    acse_timeout: float = Field(default=30, gt=0)
+    dimse_timeout: float = Field(default=60, gt=0)
+    network_timeout: float = Field(default=60, gt=0)
+
+
+class WatchConfig(Section):
+    enabled: bool = False
+    folder: Path | None = None
+    # Default: a "rejected" folder beside the drop folder.
+    rejected_folder: Path | None = None
+    # A file is taken once it is closed after writing, or unchanged for this long.
+    stable_seconds: float = Field(default=5.0, gt=0)
+    # How often the folder is also walked, in case a file-system event was missed.
+    poll_seconds: float = Field(default=2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _folder_when_enabled(self) -> WatchConfig:
+        if self.enabled and self.folder is None:
+            raise ValueError("watch.enabled is true but watch.folder is not set")
+        if self.folder is not None and self.rejected_folder is None:
+            self.rejected_folder = self.folder.parent / "rejected"
+        return self
+
+
+class StudyConfig(Section):
+    # A study is ready when no instance arrived for this long and no sender is still open.
+    settle_seconds: float = Field(default=10.0, ge=0)
+    max_attempts: int = Field(default=3, ge=1)
+    retry_seconds: float = Field(default=30.0, ge=0)
+
+
+class SelectConfig(Section):
+    modalities: list[str] = Field(default_factory=lambda: ["CR", "DX"])
+    views: list[str] = Field(default_factory=lambda: ["PA", "AP"])
+    # Many real files lack ViewPosition or BodyPartExamined: classified by default.
+    classify_missing_view: bool = True
+    body_parts: list[str] = Field(default_factory=lambda: ["CHEST"])
+    classify_missing_body_part: bool = True
+    min_size: int = Field(default=256, ge=1)
+
+
+class OutputConfig(Section):
+    # Results by study; default <state_dir>/results.
+    folder: Path | None = None
+
+
 class LogConfig(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
@@ -81,12 +150,19 @@ class Config(Section):
     state_dir: Path = Field(default_factory=default_state_dir)
     model: ModelConfig = Field(default_factory=ModelConfig)
     convert: ConvertConfig = Field(default_factory=ConvertConfig)
+    scp: ScpConfig = Field(default_factory=ScpConfig)
+    watch: WatchConfig = Field(default_factory=WatchConfig)
+    study: StudyConfig = Field(default_factory=StudyConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 
     @model_validator(mode="after")
     def _fill_derived_paths(self) -> Config:
         if self.model.weights_dir is None:
             self.model.weights_dir = self.state_dir / "models"
+        if self.output.folder is None:
+            self.output.folder = self.state_dir / "results"
         return self
 
     @property
@@ -132,7 +208,8 @@ def validate_config(raw: dict[str, Any], source: str = "<config>") -> Config:
         raise ConfigError(source, [_describe(err) for err in exc.errors()]) from None
 
 
-_PATH_KEYS = {("state_dir",), ("model", "weights_dir")}
+_PATH_KEYS = {("state_dir",), ("model", "weights_dir"), ("watch", "folder"),
+              ("watch", "rejected_folder"), ("output", "folder")}
 
 
 def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:

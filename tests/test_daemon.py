@@ -1,0 +1,352 @@
+"""`xrvd serve` end to end, as a real subprocess: DCMTK storescu and pynetdicom send to it,
+files are dropped into its folder, and it is killed with SIGKILL part-way."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from .conftest import CXR, NIH_SC, REJECT, RSNA_JPEG, TINY_CR, WG04_CR
+from .harness import DaemonProcess, copy_with_new_uids, write_config
+
+MODEL = "densenet121-res224-all"
+STORESCU = shutil.which("storescu")
+if os.environ.get("CI") == "true" and STORESCU is None:
+    raise RuntimeError("CI must install DCMTK (storescu): see .ci/run")
+
+
+# DCMTK's storescu proposes uncompressed syntaxes unless told which compressed one to offer.
+_DCMTK_PROPOSE = {
+    pydicom.uid.JPEGBaseline8Bit: "-xy",
+    pydicom.uid.JPEG2000Lossless: "-xv",
+    pydicom.uid.JPEGLSLossless: "-xt",
+    pydicom.uid.RLELossless: "-xr",
+}
+
+
+def storescu(port: int, files, calling_aet: str = "STORESCU") -> subprocess.CompletedProcess:
+    """DCMTK's storescu (pynetdicom's own app where DCMTK is not installed), one run per
+    transfer syntax so that each file goes in its own encoding."""
+    groups: dict[str, list[str]] = {}
+    for f in files:
+        syntax = pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID
+        groups.setdefault(_DCMTK_PROPOSE.get(syntax, ""), []).append(str(f))
+    done = None
+    for option, group in groups.items():
+        if STORESCU:
+            command = [STORESCU, "-R", *([option] if option else []), "-aet", calling_aet,
+                       "-aec", "XRVD", "127.0.0.1", str(port), *group]
+        else:
+            command = [sys.executable, "-m", "pynetdicom", "storescu", "-cx", "-aet",
+                       calling_aet, "-aec", "XRVD", "127.0.0.1", str(port), *group]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, TCP_NODELAY="1"))
+        if done.returncode != 0:
+            return done
+    return done
+
+
+def associate(port: int, calling_aet: str = "XRVDTEST", contexts=None):
+    ae = AE(ae_title=calling_aet)
+    for sop_class in contexts or []:
+        ae.add_requested_context(sop_class)
+    return ae, ae.associate("127.0.0.1", port, ae_title="XRVD")
+
+
+def send(port: int, datasets, calling_aet: str = "XRVDTEST") -> list[int]:
+    """Send datasets on one association; returns the C-STORE status of each (-1: none)."""
+    datasets = list(datasets)
+    ae = AE(ae_title=calling_aet)
+    for ds in datasets:
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="XRVD")
+    assert assoc.is_established, "association not accepted"
+    statuses = []
+    try:
+        for ds in datasets:
+            status = assoc.send_c_store(ds)
+            statuses.append(int(status.Status) if "Status" in status else -1)
+    finally:
+        assoc.release()
+    return statuses
+
+
+@pytest.fixture
+def daemon(tmp_path, weights_copy):
+    weights = weights_copy(MODEL)
+    started: list[DaemonProcess] = []
+
+    def make(**sections) -> DaemonProcess:
+        config = write_config(tmp_path, weights, **sections)
+        process = DaemonProcess(config, tmp_path / "state")
+        started.append(process)
+        return process.start()
+
+    yield make
+    for process in started:
+        process.stop()
+
+
+def results(state_dir):
+    return sorted((state_dir / "results").rglob("*.json"))
+
+
+def test_storescu_sends_every_fixture(daemon):
+    xrvd = daemon()
+    files = sorted(CXR.glob("*.dcm")) + sorted(REJECT.glob("*.dcm"))
+    done = storescu(xrvd.port, files)
+    assert done.returncode == 0, done.stderr
+    xrvd.wait_for("instance.stored", count=len(files))
+    studies = {pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID for f in files}
+    xrvd.wait_for("study.classified", count=len(studies))
+    classified = xrvd.journal(
+        "SELECT sop_uid FROM instances WHERE state = 'classified'")
+    expected = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
+                for f in (WG04_CR, NIH_SC, RSNA_JPEG)}
+    assert {uid for (uid,) in classified} == expected
+    skipped = dict(xrvd.journal("SELECT sop_uid, reason FROM instances "
+                                "WHERE state = 'skipped'"))
+    reasons = {f.name: skipped[pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID]
+               for f in [TINY_CR, *sorted(REJECT.glob("*.dcm"))]}
+    assert reasons == {
+        "tiny_cr_chest_mono1_32px.dcm": "too_small",
+        "CT_small.dcm": "modality",
+        "MR_small.dcm": "modality",
+        "SC_rgb.dcm": "modality",
+        "US_ybr_j2k.dcm": "modality",
+        "highdicom_sr_document.dcm": "not_an_image",
+    }
+    for event in xrvd.find("instance.skipped"):
+        assert event["reason"] and event["detail"]
+    # One result per study that had a classifiable image, each naming its images once.
+    written = results(xrvd.state_dir)
+    assert len(written) == 3
+    images = [img["sop_instance_uid"] for path in written
+              for img in json.loads(path.read_text())["images"]]
+    assert sorted(images) == sorted(expected)
+    assert xrvd.terminate() == 0
+    assert xrvd.find("daemon.stopped")
+
+
+def test_pynetdicom_echo_and_store(daemon):
+    xrvd = daemon()
+    ae, assoc = associate(xrvd.port, contexts=[Verification])
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0
+    assoc.release()
+    statuses = send(xrvd.port, [pydicom.dcmread(NIH_SC), pydicom.dcmread(RSNA_JPEG)])
+    assert statuses == [0, 0]
+    xrvd.wait_for("study.classified", count=2)
+    assert len(results(xrvd.state_dir)) == 2
+
+
+def test_unknown_calling_aet_is_rejected(daemon):
+    xrvd = daemon()
+    ae, assoc = associate(xrvd.port, calling_aet="INTRUDER", contexts=[Verification])
+    assert assoc.is_rejected
+    rejection = assoc.acceptor.primitive
+    assert (rejection.result, rejection.result_source, rejection.diagnostic) == (1, 1, 3)
+    event = xrvd.wait_for("association.rejected")[0]
+    assert event["calling_aet"] == "INTRUDER" and event["reason"] == "calling_aet_not_allowed"
+    done = storescu(xrvd.port, [NIH_SC], calling_aet="INTRUDER")
+    assert done.returncode != 0
+    assert xrvd.journal("SELECT COUNT(*) FROM instances") == [(0,)]
+
+
+def test_oversize_instance_is_refused(daemon):
+    xrvd = daemon(scp={"max_instance_bytes": 2_000_000})
+    statuses = send(xrvd.port, [pydicom.dcmread(WG04_CR), pydicom.dcmread(NIH_SC)])
+    assert statuses == [0xA700, 0]  # 7.2 MB refused: out of resources; 1 MB accepted
+    refused = xrvd.wait_for("instance.refused")[0]
+    assert refused["reason"] == "too_large"
+    assert xrvd.journal("SELECT COUNT(*) FROM instances") == [(1,)]
+    assert list((xrvd.state_dir / "spool" / ".incoming").iterdir()) == []
+
+
+def test_duplicate_instance_is_recognised(daemon, tmp_path):
+    xrvd = daemon()
+    ds = pydicom.dcmread(NIH_SC)
+    assert send(xrvd.port, [ds]) == [0]
+    assert send(xrvd.port, [ds]) == [0]  # acknowledged, not stored twice
+    xrvd.wait_for("instance.duplicate")
+    changed = pydicom.dcmread(NIH_SC)
+    changed.PatientComments = "corrected"
+    assert send(xrvd.port, [changed]) == [0]
+    xrvd.wait_for("instance.stored", status="new_version")
+    rows = xrvd.journal("SELECT version, state FROM instances WHERE sop_uid = ? "
+                        "ORDER BY version", (ds.SOPInstanceUID,))
+    assert [version for version, _ in rows] == [1, 2]
+    assert rows[0][1] == "superseded"
+
+
+def test_late_instance_reruns_the_study(daemon, tmp_path):
+    xrvd = daemon()
+    study = pydicom.uid.generate_uid()
+    first = copy_with_new_uids(NIH_SC, tmp_path / "a.dcm", study_uid=study)
+    assert send(xrvd.port, [first]) == [0]
+    xrvd.wait_for("study.classified", study_instance_uid=study)
+    second = copy_with_new_uids(RSNA_JPEG, tmp_path / "b.dcm", study_uid=study)
+    assert send(xrvd.port, [second]) == [0]
+    xrvd.wait_for("study.classified", count=2, study_instance_uid=study)
+    runs = xrvd.journal("SELECT generation, state FROM runs ORDER BY generation")
+    assert runs == [(0, "done"), (1, "done")]
+    latest = json.loads(sorted(results(xrvd.state_dir))[-1].read_text())
+    assert latest["generation"] == 1 and len(latest["images"]) == 2
+
+
+def test_drop_folder(daemon, tmp_path):
+    drop = tmp_path / "drop"
+    (drop / "nested" / "deeper").mkdir(parents=True)
+    # Left in the folder while the daemon was down (an hour ago): taken at start-up.
+    present = copy_with_new_uids(NIH_SC, drop / "already-here")
+    os.utime(drop / "already-here", (time.time() - 3600, time.time() - 3600))
+    xrvd = daemon(watch={"enabled": True, "folder": str(drop), "stable_seconds": 120})
+    xrvd.wait_for("instance.stored", sop_instance_uid=present.SOPInstanceUID)
+
+    garbage = drop / "nested" / "notes.txt"
+    garbage.write_text("this is not an image\n")
+    # A half-written file stays untouched while its writer keeps it open ...
+    half = drop / "nested" / "deeper" / "IMG0001"
+    copy_with_new_uids(WG04_CR, tmp_path / "whole.dcm")
+    whole = (tmp_path / "whole.dcm").read_bytes()
+    writer = open(half, "wb")
+    writer.write(whole[: len(whole) // 2])
+    writer.flush()
+    # ... while a complete file dropped after it is taken, and the garbage rejected.
+    later = copy_with_new_uids(RSNA_JPEG, tmp_path / "rsna.dcm")
+    shutil.copy(tmp_path / "rsna.dcm", drop / "nested" / "rsna")
+    xrvd.wait_for("instance.stored", sop_instance_uid=later.SOPInstanceUID)
+    rejected = xrvd.wait_for("file.rejected")[0]
+    assert rejected["file"] == "nested/notes.txt"
+    assert half.exists() and not xrvd.find("file.rejected", file="nested/deeper/IMG0001")
+    writer.write(whole[len(whole) // 2:])
+    writer.close()
+    xrvd.wait_for("instance.stored", file="nested/deeper/IMG0001")
+    assert not half.exists() and not garbage.exists()
+    reason = tmp_path / "rejected" / "nested" / "notes.txt.reason.txt"
+    assert "not a DICOM" in reason.read_text() or "not a readable DICOM" in reason.read_text()
+    assert (tmp_path / "rejected" / "nested" / "notes.txt").read_text() == \
+        "this is not an image\n"
+    xrvd.wait_for("study.classified", count=3)
+
+
+def test_drop_folder_vanishes_and_comes_back(daemon, tmp_path):
+    drop = tmp_path / "drop"
+    # The new inotify watch may miss a file copied at once; the stability rule takes it.
+    xrvd = daemon(watch={"enabled": True, "folder": str(drop), "stable_seconds": 1,
+                         "poll_seconds": 0.5})
+    shutil.rmtree(drop)
+    xrvd.wait_for("watch.restarting")
+    drop.mkdir(exist_ok=True)
+    ds = copy_with_new_uids(NIH_SC, tmp_path / "x.dcm")
+    shutil.copy(tmp_path / "x.dcm", drop / "x.dcm")
+    xrvd.wait_for("instance.stored", sop_instance_uid=ds.SOPInstanceUID)
+
+
+class _BackgroundSender:
+    """Sends datasets on one association in a thread, recording each acknowledgement."""
+
+    def __init__(self, port, datasets):
+        self.statuses: dict[str, int] = {}
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, args=(port, datasets), daemon=True)
+        self._thread.start()
+
+    def _run(self, port, datasets):
+        ae = AE(ae_title="XRVDTEST")
+        ae.add_requested_context(datasets[0].SOPClassUID,
+                                 datasets[0].file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", port, ae_title="XRVD")
+        try:
+            for ds in datasets if assoc.is_established else []:
+                status = assoc.send_c_store(ds)
+                if "Status" not in status:
+                    break
+                with self._cond:
+                    self.statuses[ds.SOPInstanceUID] = int(status.Status)
+                    self._cond.notify_all()
+        finally:
+            if assoc.is_established:
+                assoc.release()
+            with self._cond:
+                self._cond.notify_all()
+
+    def wait_acknowledged(self, count, timeout=60):
+        with self._cond:
+            assert self._cond.wait_for(
+                lambda: len(self.statuses) >= count or not self._thread.is_alive(), timeout)
+
+    def join(self):
+        self._thread.join(timeout=60)
+        return {uid for uid, status in self.statuses.items() if status == 0}
+
+
+@pytest.mark.parametrize("kill_after", [3, 9])
+def test_sigkill_while_receiving_loses_no_acknowledged_instance(daemon, tmp_path, kill_after):
+    datasets = []
+    studies = [pydicom.uid.generate_uid() for _ in range(4)]
+    for i in range(16):
+        datasets.append(copy_with_new_uids(NIH_SC, tmp_path / f"{i}.dcm",
+                                           study_uid=studies[i % 4]))
+    xrvd = daemon()
+    sender = _BackgroundSender(xrvd.port, datasets)
+    sender.wait_acknowledged(kill_after)
+    xrvd.kill()  # more instances are in flight at this moment
+    acknowledged = sender.join()
+    assert len(acknowledged) >= kill_after
+    xrvd.start()
+    journaled = {uid for (uid,) in xrvd.journal("SELECT sop_uid FROM instances")}
+    assert acknowledged <= journaled
+    # Send the rest again, as a sender retrying after the failure would.
+    remaining = [ds for ds in datasets if ds.SOPInstanceUID not in acknowledged]
+    if remaining:
+        assert set(send(xrvd.port, remaining)) == {0}
+    xrvd.wait_until(lambda: xrvd.journal(
+        "SELECT COUNT(*) FROM studies WHERE state = 'classified'") == [(4,)],
+        what="all four studies classified")
+    assert xrvd.journal("SELECT COUNT(DISTINCT sop_uid) FROM instances") == [(16,)]
+    _assert_once_per_study(xrvd)
+
+
+@pytest.mark.parametrize("kill_on", ["study.settled", "result.written"])
+def test_sigkill_while_classifying_never_duplicates_results(daemon, tmp_path, kill_on):
+    datasets = [copy_with_new_uids(NIH_SC, tmp_path / f"{i}.dcm") for i in range(6)]
+    xrvd = daemon()
+    assert send(xrvd.port, datasets) == [0] * 6
+    xrvd.wait_for(kill_on)
+    xrvd.kill()
+    xrvd.start()
+    xrvd.wait_until(lambda: xrvd.journal(
+        "SELECT COUNT(*) FROM studies WHERE state = 'classified'") == [(6,)],
+        what="all six studies classified")
+    _assert_once_per_study(xrvd)
+
+
+def _assert_once_per_study(xrvd):
+    """One done run, and one result file, per study and generation (a generation is added
+    only when images arrive after a study was classified); the latest result of each study
+    names each of its images exactly once."""
+    runs = xrvd.journal("SELECT s.study_uid, r.generation, r.result_path FROM runs r "
+                        "JOIN studies s ON s.id = r.study_id WHERE r.state = 'done'")
+    assert runs and len(runs) == len({(uid, gen) for uid, gen, _ in runs})
+    files = results(xrvd.state_dir)
+    assert sorted(files) == sorted(Path(path) for *_, path in runs)
+    for (study_uid,) in xrvd.journal("SELECT study_uid FROM studies"):
+        latest = max((gen, path) for uid, gen, path in runs if uid == study_uid)[1]
+        images = [img["sop_instance_uid"]
+                  for img in json.loads(Path(latest).read_text())["images"]]
+        expected = xrvd.journal(
+            "SELECT i.sop_uid FROM instances i JOIN studies s ON s.id = i.study_id "
+            "WHERE s.study_uid = ? AND i.state != 'superseded'", (study_uid,))
+        assert sorted(images) == sorted(uid for (uid,) in expected)

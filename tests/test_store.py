@@ -1,0 +1,187 @@
+"""The store's guarantees, and the SCP's answer when the store cannot take an instance."""
+
+from __future__ import annotations
+
+import errno
+import sqlite3
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pynetdicom import AE
+
+from xrvd.config import ScpConfig, WatchConfig
+from xrvd.ingest.scp import StorageSCP
+from xrvd.ingest.watch import DropFolderWatcher
+from xrvd.pipeline.select import SelectRules, select
+from xrvd.store import NotStorableError, Store, StoreError
+
+from .conftest import NIH_SC, REJECT, RSNA_JPEG, TINY_CR, WG04_CR
+from .harness import copy_with_new_uids
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = Store(tmp_path / "state")
+    yield store
+    store.close()
+
+
+def spool_files(store: Store) -> list[Path]:
+    return sorted(store.spool.glob("??/*.dcm"))
+
+
+def test_store_copies_fsyncs_and_journals(store, tmp_path):
+    outcome = store.store_file(NIH_SC, source="test", move=False)
+    assert outcome.status == "stored"
+    [path] = spool_files(store)
+    assert path.read_bytes() == NIH_SC.read_bytes()
+    assert "1.3" not in path.name  # spool names never come from UIDs
+    assert store.counts() == {"studies": {"receiving": 1}, "instances": {"stored": 1}}
+
+
+def test_journal_failure_leaves_nothing_half_written(store, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(store, "_journal_instance", broken)
+    dropped = tmp_path / "dropped.dcm"
+    copy_with_new_uids(NIH_SC, dropped)
+    before = dropped.read_bytes()
+    with pytest.raises(StoreError, match="journal"):
+        store.store_file(dropped, source="watch:dropped.dcm", move=True)
+    assert spool_files(store) == []
+    assert dropped.read_bytes() == before  # still in the drop folder, not acknowledged
+
+
+def test_disk_full_leaves_nothing_half_written(store, tmp_path, monkeypatch):
+    import shutil as shutil_module
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil_module, "copyfile", full)
+    with pytest.raises(StoreError, match="No space left"):
+        store.store_file(NIH_SC, source="test", move=False)
+    assert spool_files(store) == []
+    assert store.counts()["instances"] == {}
+
+
+def test_not_dicom_is_not_storable(store, tmp_path):
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(b"\x00" * 300)
+    with pytest.raises(NotStorableError):
+        store.store_file(garbage, source="test", move=True)
+    assert garbage.exists()
+
+
+def test_study_waits_for_open_association_and_settle_time(store):
+    store.association_opened("a")
+    outcome = store.store_file(NIH_SC, source="test", move=False, association="a")
+    assert store.claim_ready_studies(0, "m", "w", 10) == []  # sender still connected
+    store.association_closed("a")
+    assert store.claim_ready_studies(3600, "m", "w", 10) == []  # not settled yet
+    [claim] = store.claim_ready_studies(0, "m", "w", 10)
+    assert claim.study_uid == outcome.study_uid
+
+
+def test_crash_while_processing_resumes_the_same_run(tmp_path):
+    store = Store(tmp_path / "state")
+    store.store_file(NIH_SC, source="test", move=False)
+    [claim] = store.claim_ready_studies(0, "m", "w", 10)
+    store.close()  # as if killed while processing
+    store = Store(tmp_path / "state")
+    assert store.recover()["studies_resumed"] == 1
+    [again] = store.claim_ready_studies(0, "m", "w", 10)
+    assert again.run_id == claim.run_id
+    store.finish_run(again, {}, None)
+    assert store.claim_ready_studies(0, "m", "w", 10) == []
+    store.close()
+
+
+def test_orphan_spool_file_is_journaled_at_recovery(tmp_path):
+    """Moved out of the drop folder but killed before the journal commit: not lost."""
+    store = Store(tmp_path / "state")
+    orphan = store.spool / "ab" / "abcdef.dcm"
+    orphan.parent.mkdir()
+    orphan.write_bytes(NIH_SC.read_bytes())
+    assert store.recover()["orphans_journaled"] == 1
+    assert store.counts()["instances"] == {"stored": 1}
+    store.close()
+
+
+class _FullStore(Store):
+    def store_file(self, *args, **kwargs):
+        raise StoreError("cannot write to the spool: No space left on device")
+
+
+def test_scp_answers_out_of_resources_when_the_store_fails(tmp_path):
+    store = _FullStore(tmp_path / "state")
+    scp = StorageSCP(ScpConfig(port=0, allowed_calling_aets=["*"]), store)
+    port = scp.start()
+    try:
+        ds = pydicom.dcmread(NIH_SC)
+        ae = AE(ae_title="TEST")
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", port, ae_title="XRVD")
+        assert assoc.is_established
+        status = assoc.send_c_store(ds)
+        assoc.release()
+        assert status.Status == 0xA700
+        assert list(store.incoming.iterdir()) == []
+    finally:
+        scp.stop()
+        store.close()
+
+
+def test_watcher_survives_a_failing_callback(store, tmp_path, monkeypatch):
+    drop = tmp_path / "drop"
+    watcher = DropFolderWatcher(WatchConfig(enabled=True, folder=drop, stable_seconds=0.2,
+                                            poll_seconds=0.1), store)
+    calls = []
+
+    def explode(path):
+        calls.append(path)
+        raise RuntimeError("bug in a callback")
+
+    monkeypatch.setattr(watcher, "mark_closed", explode)
+    watcher.start()
+    try:
+        copy_with_new_uids(NIH_SC, drop / "a.dcm")
+        deadline = time.monotonic() + 30
+        while store.counts()["instances"] != {"stored": 1}:  # the store signals each arrival
+            assert time.monotonic() < deadline, "file never ingested"
+            store.wait_for_work(0.1)
+        assert calls and watcher._observer_healthy()
+    finally:
+        watcher.stop()
+
+
+@pytest.mark.parametrize("path, changes, reason", [
+    (WG04_CR, {}, None),
+    (NIH_SC, {}, None),  # Secondary Capture, Modality DX, no body part or view
+    (RSNA_JPEG, {}, None),
+    (WG04_CR, {"ViewPosition": "LL"}, "lateral_view"),
+    (WG04_CR, {"BodyPartExamined": "HAND"}, "body_part"),
+    (TINY_CR, {}, "too_small"),
+    (REJECT / "CT_small.dcm", {}, "modality"),
+    (REJECT / "highdicom_sr_document.dcm", {}, "not_an_image"),
+    (REJECT / "SC_rgb.dcm", {"Modality": "DX"}, "not_greyscale"),
+    (NIH_SC, {"NumberOfFrames": 3}, "multi_frame"),
+    (WG04_CR, {"Manufacturer": "xrvd"}, "own_output"),
+])
+def test_selection(path, changes, reason):
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    choice = select(ds)
+    assert choice.reason == reason
+    assert choice.classify == (reason is None)
+
+
+def test_selection_rules_are_configurable():
+    ds = pydicom.dcmread(NIH_SC, stop_before_pixels=True)
+    assert select(ds, SelectRules(classify_missing_view=False)).reason == "view_missing"
+    assert select(ds, SelectRules(classify_missing_body_part=False)).reason == \
+        "body_part_missing"

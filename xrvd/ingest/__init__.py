@@ -1,0 +1,1 @@
+"""The three ways in. Each only hands instances to the store."""

@@ -1,0 +1,204 @@
+"""C-STORE SCP: receives instances and hands each one to the store.
+
+Received data sets are written by pynetdicom straight to a temporary file in the spool's
+`.incoming` folder (never held whole in memory); the store fsyncs, renames and journals it,
+and only then does the C-STORE response say 0x0000. Callers are checked at association time
+against an allow-list of calling AE titles and, optionally, peer networks.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, _config, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification
+
+from ..config import ScpConfig
+from ..log import get_logger
+from ..store import NotStorableError, Store, StoreError
+
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian, RLELossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless,
+    JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000,
+]
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_CANNOT_UNDERSTAND = 0xC000
+
+# A-ASSOCIATE-RJ (result, source, reason): rejected permanent, service user, ...
+REJECT_CALLING_AET = (0x01, 0x01, 0x03)
+REJECT_NO_REASON = (0x01, 0x01, 0x01)
+
+
+def _status(code: int, comment: str) -> Dataset:
+    status = Dataset()
+    status.Status = code
+    status.ErrorComment = comment[:64]
+    return status
+
+
+class StorageSCP:
+    def __init__(self, config: ScpConfig, store: Store):
+        self.store = store
+        self.log = get_logger(component="scp")
+        self._policy_lock = threading.Lock()
+        self.apply_policy(config)
+        self.config = config
+        # pynetdicom writes received data sets to tempfile's folder: make that the spool's
+        # incoming folder, so that accepting an instance is a rename, not a copy.
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        tempfile.tempdir = str(store.incoming)
+        ae = AE(ae_title=config.ae_title)
+        ae.maximum_associations = config.max_associations
+        ae.maximum_pdu_size = config.max_pdu
+        ae.acse_timeout = config.acse_timeout
+        ae.dimse_timeout = config.dimse_timeout
+        ae.network_timeout = config.network_timeout
+        # The acceptor may support any number of contexts (the 128 limit is per request):
+        # accept every storage class, and let selection skip what is not a chest X-ray.
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification)
+        self.ae = ae
+        self.server = None
+        self.port: int | None = None
+
+    def apply_policy(self, config: ScpConfig) -> None:
+        """Allow-lists can change while running (SIGHUP); associations in flight keep going."""
+        networks = [ipaddress.ip_network(peer, strict=False) for peer in config.allowed_peers]
+        with self._policy_lock:
+            self._any_aet = "*" in config.allowed_calling_aets
+            self._aets = {aet for aet in config.allowed_calling_aets if aet != "*"}
+            self._networks = networks
+            self.max_instance_bytes = config.max_instance_bytes
+
+    def start(self) -> int:
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        self.server = self.ae.start_server((self.config.bind, self.config.port), block=False,
+                                           evt_handlers=handlers)
+        self.port = self.server.server_address[1]
+        if not self._any_aet and not self._aets:
+            self.log.warning("scp.no_callers_allowed",
+                             detail="scp.allowed_calling_aets is empty: every association "
+                             "will be rejected until you list the modalities and PACS")
+        self.log.info("scp.listening", ae_title=self.config.ae_title, bind=self.config.bind,
+                      port=self.port)
+        return self.port
+
+    def stop(self, drain_seconds: float = 10.0) -> None:
+        """Stop accepting, let associations in flight finish for a while, then abort them."""
+        if self.server is None:
+            return
+        self.server.shutdown()
+        deadline = time.monotonic() + drain_seconds
+        while self.ae.active_associations and time.monotonic() < deadline:
+            for assoc in self.ae.active_associations:
+                assoc.join(timeout=max(0.0, min(0.2, deadline - time.monotonic())))
+        for assoc in self.ae.active_associations:
+            self.log.warning("association.aborted", reason="shutdown",
+                             calling_aet=assoc.requestor.ae_title)
+            assoc.abort()
+        self.server = None
+        self.log.info("scp.stopped")
+
+    def alive(self) -> bool:
+        return self.server is not None and self.server._thread.is_alive()  # noqa: SLF001
+
+    # --- handlers -----------------------------------------------------------------------
+
+    @staticmethod
+    def _key(assoc) -> str:
+        return f"assoc-{id(assoc)}"
+
+    def _on_requested(self, event) -> None:
+        assoc = event.assoc
+        calling = assoc.requestor.primitive.calling_ae_title.strip()
+        address = assoc.requestor.address
+        with self._policy_lock:
+            aet_ok = self._any_aet or calling in self._aets
+            try:
+                peer_ok = not self._networks or any(
+                    ipaddress.ip_address(address) in net for net in self._networks)
+            except ValueError:
+                peer_ok = False
+        if not aet_ok:
+            self.log.warning("association.rejected", calling_aet=calling, peer=address,
+                             reason="calling_aet_not_allowed")
+            self._reject(assoc, REJECT_CALLING_AET)
+        elif not peer_ok:
+            self.log.warning("association.rejected", calling_aet=calling, peer=address,
+                             reason="peer_not_allowed")
+            self._reject(assoc, REJECT_NO_REASON)
+
+    @staticmethod
+    def _reject(assoc, result_source_reason: tuple[int, int, int]) -> None:
+        # As pynetdicom's own rejection does: the kill waits until the A-ASSOCIATE-RJ is
+        # sent, or the socket would close first and the peer would see an abort.
+        assoc.acse.send_reject(*result_source_reason)
+        assoc.kill()
+
+    def _on_established(self, event) -> None:
+        self.store.association_opened(self._key(event.assoc))
+        self.log.info("association.accepted", calling_aet=event.assoc.requestor.ae_title,
+                      peer=event.assoc.requestor.address)
+
+    def _on_closed(self, event) -> None:
+        self.store.association_closed(self._key(event.assoc))
+
+    def _on_store(self, event) -> Dataset | int:
+        started = time.perf_counter()
+        path = Path(event.dataset_path)
+        calling = event.assoc.requestor.ae_title
+        sop_uid = str(event.request.AffectedSOPInstanceUID)
+        size = path.stat().st_size
+        if size > self.max_instance_bytes:
+            self.log.warning("instance.refused", reason="too_large", size=size,
+                             limit=self.max_instance_bytes, sop_instance_uid=sop_uid,
+                             calling_aet=calling)
+            return _status(STATUS_OUT_OF_RESOURCES,
+                           f"instance of {size} bytes exceeds the limit")
+        source = f"scp:{calling}@{event.assoc.requestor.address}"
+        try:
+            outcome = self.store.store_file(path, source=source, move=True,
+                                            association=self._key(event.assoc))
+        except NotStorableError as exc:
+            self.log.warning("instance.refused", reason=exc.reason, detail=str(exc),
+                             sop_instance_uid=sop_uid, calling_aet=calling)
+            return _status(STATUS_CANNOT_UNDERSTAND, str(exc))
+        except StoreError as exc:
+            self.log.error("instance.refused", reason=exc.reason, detail=str(exc),
+                           sop_instance_uid=sop_uid, calling_aet=calling)
+            return _status(STATUS_OUT_OF_RESOURCES, "cannot store the instance now")
+        name = "instance.duplicate" if outcome.status == "duplicate" else "instance.stored"
+        self.log.info(name, sop_instance_uid=sop_uid, study_instance_uid=outcome.study_uid,
+                      status=outcome.status, size=size, calling_aet=calling,
+                      duration_s=round(time.perf_counter() - started, 4))
+        return STATUS_SUCCESS

@@ -1,0 +1,472 @@
+"""The spool and the journal: the only module that touches either.
+
+An instance is acknowledged (C-STORE 0x0000, or moved out of the drop folder) only after its
+file is fsync'd in the spool and its journal row is committed. The journal is SQLite in WAL
+mode with synchronous=FULL; every state change is one transaction. Spool files are named by
+random UUIDs, never by UIDs from the data.
+
+States:
+  study:    receiving -> processing -> classified   (back to receiving when images arrive late)
+                                    -> failed       (after study.max_attempts)
+  instance: stored -> classified | skipped(reason) | failed(reason);  superseded / duplicate
+  run:      one per (study, model, weights, generation): started -> done
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from .errors import XrvdError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS studies (
+    id INTEGER PRIMARY KEY,
+    study_uid TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL,
+    generation INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    reason TEXT,
+    last_instance_at REAL NOT NULL,
+    not_before REAL NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS instances (
+    id INTEGER PRIMARY KEY,
+    study_id INTEGER NOT NULL REFERENCES studies(id),
+    sop_uid TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    series_uid TEXT,
+    sop_class_uid TEXT,
+    content_sha256 TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    received_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    UNIQUE (sop_uid, version)
+);
+CREATE INDEX IF NOT EXISTS instances_study ON instances(study_id, state);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY,
+    study_id INTEGER NOT NULL REFERENCES studies(id),
+    model TEXT NOT NULL,
+    weights_sha256 TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    result_path TEXT,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    UNIQUE (study_id, model, weights_sha256, generation)
+);
+CREATE TABLE IF NOT EXISTS scores (
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    instance_id INTEGER NOT NULL REFERENCES instances(id),
+    label TEXT NOT NULL,
+    score REAL NOT NULL,
+    PRIMARY KEY (run_id, instance_id, label)
+);
+CREATE TABLE IF NOT EXISTS transitions (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    entity TEXT NOT NULL,
+    entity_id INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT
+);
+"""
+
+
+class StoreError(XrvdError):
+    """The instance could not be made durable (disk full, journal error): refuse it."""
+
+    reason = "store_failed"
+
+
+class NotStorableError(XrvdError):
+    """The file is not a DICOM instance the journal can hold (no UIDs, not DICOM)."""
+
+    reason = "not_dicom"
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    status: str  # stored | duplicate | new_version
+    instance_id: int | None
+    study_uid: str
+    sop_uid: str
+
+
+@dataclass(frozen=True)
+class InstanceRow:
+    id: int
+    sop_uid: str
+    path: Path
+    state: str
+
+
+@dataclass(frozen=True)
+class StudyClaim:
+    study_id: int
+    study_uid: str
+    generation: int
+    attempts: int
+    run_id: int
+
+
+def _header(path: Path) -> pydicom.Dataset:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise NotStorableError(f"not a readable DICOM file: {exc}") from exc
+    for keyword in ("StudyInstanceUID", "SOPInstanceUID"):
+        value = str(ds.get(keyword, "") or "").strip()
+        if not value or len(value) > 64:
+            raise NotStorableError(f"not a DICOM instance: no valid {keyword}")
+    return ds
+
+
+def _content_digest(path: Path) -> str:
+    """SHA-256 of the file after its meta header, so the same instance sent by two senders
+    (whose meta headers differ) is recognised as the same content."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        start = 0
+        head = f.read(144)
+        if len(head) >= 144 and head[128:132] == b"DICM" and head[132:136] == b"\x02\x00\x00\x00":
+            start = 144 + int.from_bytes(head[140:144], "little")
+        f.seek(start)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Store:
+    def __init__(self, state_dir: Path):
+        self.state_dir = Path(state_dir)
+        self.spool = self.state_dir / "spool"
+        self.incoming = self.spool / ".incoming"
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.state_dir / "journal.sqlite3", isolation_level=None,
+                                   check_same_thread=False, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.RLock()
+        self._work = threading.Condition(self._lock)
+        self._open_associations: dict[str, set[str]] = {}
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # --- transactions ----------------------------------------------------------------
+
+    def _transaction(self):
+        store = self
+
+        class _Tx:
+            def __enter__(self_inner):
+                store._lock.acquire()
+                store._db.execute("BEGIN IMMEDIATE")
+                return store._db
+
+            def __exit__(self_inner, kind, value, tb):
+                try:
+                    store._db.execute("COMMIT" if kind is None else "ROLLBACK")
+                finally:
+                    store._lock.release()
+                return False
+
+        return _Tx()
+
+    def _transition(self, db, entity: str, entity_id: int, state: str,
+                    reason: str | None = None) -> None:
+        db.execute("INSERT INTO transitions(at, entity, entity_id, state, reason) "
+                   "VALUES (?, ?, ?, ?, ?)", (time.time(), entity, entity_id, state, reason))
+
+    # --- ingest ----------------------------------------------------------------------
+
+    def store_file(self, source_path: Path, *, source: str, move: bool,
+                   association: str | None = None) -> StoreOutcome:
+        """Make an instance durable: copy or move it into the spool, fsync, journal it.
+
+        Raises NotStorableError for files that are not DICOM instances, StoreError when the
+        spool or journal cannot take it (nothing is left half written either way).
+        """
+        source_path = Path(source_path)
+        ds = _header(source_path)
+        study_uid = str(ds.StudyInstanceUID).strip()
+        sop_uid = str(ds.SOPInstanceUID).strip()
+        name = uuid.uuid4().hex
+        target = self.spool / name[:2] / f"{name}.dcm"
+        try:
+            digest = _content_digest(source_path)
+            if self._is_duplicate(sop_uid, digest):
+                self._note_association(association, study_uid)
+                if move:
+                    source_path.unlink(missing_ok=True)
+                return StoreOutcome("duplicate", None, study_uid, sop_uid)
+            target.parent.mkdir(exist_ok=True)
+            if move and source_path.stat().st_dev == target.parent.stat().st_dev:
+                _fsync_path(source_path)
+                os.rename(source_path, target)
+            else:
+                shutil.copyfile(source_path, target)
+                _fsync_path(target)
+            _fsync_path(target.parent)
+            size = target.stat().st_size
+        except OSError as exc:
+            target.unlink(missing_ok=True)
+            raise StoreError(f"cannot write to the spool {self.spool}: {exc.strerror or exc}") \
+                from exc
+        try:
+            outcome = self._journal_instance(ds, study_uid, sop_uid, digest, target, size,
+                                             source)
+        except sqlite3.Error as exc:
+            if move:  # put the file back where it came from: it is not acknowledged
+                try:
+                    os.rename(target, source_path)
+                except OSError:
+                    target.unlink(missing_ok=True)
+            else:
+                target.unlink(missing_ok=True)
+            raise StoreError(f"cannot record the instance in the journal: {exc}") from exc
+        if move and source_path.exists() and outcome.status != "duplicate":
+            source_path.unlink()  # copied across filesystems: the spool copy is durable now
+        self._note_association(association, study_uid)
+        with self._work:
+            self._work.notify_all()
+        return outcome
+
+    def _is_duplicate(self, sop_uid: str, digest: str) -> bool:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT content_sha256 FROM instances WHERE sop_uid = ? "
+                "ORDER BY version DESC LIMIT 1", (sop_uid,)).fetchone()
+        return row is not None and row[0] == digest
+
+    def _journal_instance(self, ds, study_uid, sop_uid, digest, target, size,
+                          source) -> StoreOutcome:
+        now = time.time()
+        with self._transaction() as db:
+            study = db.execute("SELECT id, state FROM studies WHERE study_uid = ?",
+                               (study_uid,)).fetchone()
+            if study is None:
+                study_id = db.execute(
+                    "INSERT INTO studies(study_uid, state, last_instance_at, updated_at) "
+                    "VALUES (?, 'receiving', ?, ?)", (study_uid, now, now)).lastrowid
+                self._transition(db, "study", study_id, "receiving")
+            else:
+                study_id, state = study
+                if state in ("classified", "failed", "processing"):
+                    # Late images: the study is run again (a processing run finishes first).
+                    db.execute("UPDATE studies SET generation = generation + 1, attempts = 0, "
+                               "state = CASE state WHEN 'processing' THEN 'processing' "
+                               "ELSE 'receiving' END WHERE id = ?", (study_id,))
+                    self._transition(db, "study", study_id, "receiving", "new_instance")
+                db.execute("UPDATE studies SET last_instance_at = ?, updated_at = ? "
+                           "WHERE id = ?", (now, now, study_id))
+            previous = db.execute(
+                "SELECT id, version, content_sha256 FROM instances WHERE sop_uid = ? "
+                "ORDER BY version DESC LIMIT 1", (sop_uid,)).fetchone()
+            if previous is not None and previous[2] == digest:
+                os.unlink(target)  # raced with an identical copy
+                return StoreOutcome("duplicate", None, study_uid, sop_uid)
+            version = 1 if previous is None else previous[1] + 1
+            if previous is not None:
+                db.execute("UPDATE instances SET state = 'superseded', updated_at = ? "
+                           "WHERE id = ?", (now, previous[0]))
+                self._transition(db, "instance", previous[0], "superseded", "new_version")
+            instance_id = db.execute(
+                "INSERT INTO instances(study_id, sop_uid, version, series_uid, sop_class_uid, "
+                "content_sha256, path, size, source, state, received_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'stored', ?, ?)",
+                (study_id, sop_uid, version, str(ds.get("SeriesInstanceUID", "")),
+                 str(ds.get("SOPClassUID", "")), digest,
+                 str(target.relative_to(self.spool)), size, source, now, now)).lastrowid
+            self._transition(db, "instance", instance_id, "stored", source)
+        return StoreOutcome("stored" if version == 1 else "new_version", instance_id,
+                            study_uid, sop_uid)
+
+    # --- associations still sending ----------------------------------------------------
+
+    def association_opened(self, key: str) -> None:
+        with self._lock:
+            self._open_associations[key] = set()
+
+    def association_closed(self, key: str) -> None:
+        with self._work:
+            self._open_associations.pop(key, None)
+            self._work.notify_all()
+
+    def _note_association(self, key: str | None, study_uid: str) -> None:
+        if key is not None:
+            with self._lock:
+                self._open_associations.setdefault(key, set()).add(study_uid)
+
+    def open_studies(self) -> set[str]:
+        with self._lock:
+            return set().union(*self._open_associations.values())
+
+    # --- worker ------------------------------------------------------------------------
+
+    def wait_for_work(self, timeout: float) -> None:
+        with self._work:
+            self._work.wait(timeout)
+
+    def wake(self) -> None:
+        with self._work:
+            self._work.notify_all()
+
+    def claim_ready_studies(self, settle_seconds: float, model: str, weights_sha256: str,
+                            limit: int) -> list[StudyClaim]:
+        """Studies with no new instance for settle_seconds and no sending association open,
+        marked processing, each with its run (re-used if a crash interrupted it)."""
+        now = time.time()
+        busy = self.open_studies()
+        claims = []
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT id, study_uid, generation, attempts FROM studies "
+                "WHERE state = 'receiving' AND last_instance_at <= ? AND not_before <= ? "
+                "ORDER BY last_instance_at", (now - settle_seconds, now)).fetchall()
+            for study_id, study_uid, generation, attempts in rows:
+                if study_uid in busy:
+                    continue
+                run = db.execute(
+                    "SELECT id, state FROM runs WHERE study_id = ? AND model = ? AND "
+                    "weights_sha256 = ? AND generation = ?",
+                    (study_id, model, weights_sha256, generation)).fetchone()
+                if run is not None and run[1] == "done":
+                    db.execute("UPDATE studies SET state = 'classified', updated_at = ? "
+                               "WHERE id = ?", (now, study_id))
+                    continue
+                run_id = run[0] if run else db.execute(
+                    "INSERT INTO runs(study_id, model, weights_sha256, generation, state, "
+                    "started_at) VALUES (?, ?, ?, ?, 'started', ?)",
+                    (study_id, model, weights_sha256, generation, now)).lastrowid
+                db.execute("UPDATE studies SET state = 'processing', updated_at = ? "
+                           "WHERE id = ?", (now, study_id))
+                self._transition(db, "study", study_id, "processing")
+                claims.append(StudyClaim(study_id, study_uid, generation, attempts, run_id))
+                if len(claims) >= limit:
+                    break
+        return claims
+
+    def next_deadline(self, settle_seconds: float) -> float | None:
+        """Seconds until the earliest receiving study could settle (None: nothing waiting)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT MIN(MAX(last_instance_at + ?, not_before)) FROM studies "
+                "WHERE state = 'receiving'", (settle_seconds,)).fetchone()
+        return None if row[0] is None else max(0.0, row[0] - time.time())
+
+    def study_instances(self, study_id: int) -> list[InstanceRow]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, sop_uid, path, state FROM instances WHERE study_id = ? AND "
+                "state != 'superseded' ORDER BY id", (study_id,)).fetchall()
+        return [InstanceRow(i, sop, self.spool / path, state) for i, sop, path, state in rows]
+
+    def mark_instance(self, instance_id: int, state: str, reason: str | None = None) -> None:
+        with self._transaction() as db:
+            db.execute("UPDATE instances SET state = ?, reason = ?, updated_at = ? "
+                       "WHERE id = ?", (state, reason, time.time(), instance_id))
+            self._transition(db, "instance", instance_id, state, reason)
+
+    def finish_run(self, claim: StudyClaim, scores: dict[int, dict[str, float]],
+                   result_path: Path | None) -> str:
+        """Record scores and close the run in one transaction; returns the study's new state
+        (receiving again if images arrived while it was processed)."""
+        now = time.time()
+        with self._transaction() as db:
+            db.execute("DELETE FROM scores WHERE run_id = ?", (claim.run_id,))
+            db.executemany(
+                "INSERT INTO scores(run_id, instance_id, label, score) VALUES (?, ?, ?, ?)",
+                [(claim.run_id, instance_id, label, score)
+                 for instance_id, labels in scores.items() for label, score in labels.items()])
+            db.executemany("UPDATE instances SET state = 'classified', updated_at = ? "
+                           "WHERE id = ?", [(now, instance_id) for instance_id in scores])
+            db.execute("UPDATE runs SET state = 'done', finished_at = ?, result_path = ? "
+                       "WHERE id = ?", (now, str(result_path) if result_path else None,
+                                        claim.run_id))
+            generation = db.execute("SELECT generation FROM studies WHERE id = ?",
+                                    (claim.study_id,)).fetchone()[0]
+            state = "classified" if generation == claim.generation else "receiving"
+            db.execute("UPDATE studies SET state = ?, reason = NULL, updated_at = ? "
+                       "WHERE id = ?", (state, now, claim.study_id))
+            self._transition(db, "study", claim.study_id, state)
+        return state
+
+    def fail_attempt(self, claim: StudyClaim, reason: str, max_attempts: int,
+                     retry_after: float) -> str:
+        """A study's processing failed: retry later, or mark it failed for good."""
+        now = time.time()
+        attempts = claim.attempts + 1
+        state = "failed" if attempts >= max_attempts else "receiving"
+        with self._transaction() as db:
+            db.execute("UPDATE studies SET state = ?, attempts = ?, reason = ?, not_before = ?, "
+                       "updated_at = ? WHERE id = ?",
+                       (state, attempts, reason, now + retry_after, now, claim.study_id))
+            self._transition(db, "study", claim.study_id, state, reason)
+        return state
+
+    # --- start-up ------------------------------------------------------------------------
+
+    def recover(self) -> dict[str, int]:
+        """After a stop or crash: abandoned studies go back to the queue, received files that
+        never reached the journal are journaled (they may have left the drop folder already),
+        and temporary files are removed."""
+        with self._transaction() as db:
+            resumed = db.execute("UPDATE studies SET state = 'receiving' "
+                                 "WHERE state = 'processing'").rowcount
+        for leftover in self.incoming.iterdir():
+            leftover.unlink(missing_ok=True)
+        with self._lock:
+            known = {row[0] for row in self._db.execute("SELECT path FROM instances")}
+        orphans = 0
+        for path in self.spool.glob("??/*.dcm"):
+            if str(path.relative_to(self.spool)) not in known:
+                try:
+                    self.store_file(path, source="recovered", move=True)
+                    orphans += 1
+                except (NotStorableError, StoreError):
+                    path.unlink(missing_ok=True)
+        return {"studies_resumed": resumed, "orphans_journaled": orphans}
+
+    # --- reading, for status and tests ---------------------------------------------------
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        with self._lock:
+            studies = dict(self._db.execute(
+                "SELECT state, COUNT(*) FROM studies GROUP BY state").fetchall())
+            instances = dict(self._db.execute(
+                "SELECT state, COUNT(*) FROM instances GROUP BY state").fetchall())
+        return {"studies": studies, "instances": instances}
+
+    def query(self, sql: str, params: Iterable = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, tuple(params)).fetchall()
