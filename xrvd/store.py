@@ -49,7 +49,7 @@ CREATE TABLE IF NOT EXISTS instances (
     version INTEGER NOT NULL,
     series_uid TEXT,
     sop_class_uid TEXT,
-    content_sha256 TEXT NOT NULL,
+    content_sha256 TEXT,  -- computed only when a second copy of the SOP UID arrives
     path TEXT NOT NULL,
     size INTEGER NOT NULL,
     source TEXT NOT NULL,
@@ -223,8 +223,8 @@ class Store:
         name = uuid.uuid4().hex
         target = self.spool / name[:2] / f"{name}.dcm"
         try:
-            digest = _content_digest(source_path)
-            if self._is_duplicate(sop_uid, digest):
+            digest = self._digest_if_seen(sop_uid, source_path)
+            if digest is not None and self._is_duplicate(sop_uid, digest):
                 self._note_association(association, study_uid)
                 if move:
                     source_path.unlink(missing_ok=True)
@@ -256,17 +256,35 @@ class Store:
             raise StoreError(f"cannot record the instance in the journal: {exc}") from exc
         if move and source_path.exists() and outcome.status != "duplicate":
             source_path.unlink()  # copied across filesystems: the spool copy is durable now
+        # No wake-up for the worker here: a new instance never makes a study ready at once
+        # (it restarts the settle time), and waking a thread per instance slows receiving.
         self._note_association(association, study_uid)
-        with self._work:
-            self._work.notify_all()
         return outcome
 
-    def _is_duplicate(self, sop_uid: str, digest: str) -> bool:
+    def _digest_if_seen(self, sop_uid: str, path: Path) -> str | None:
+        """Content hashes cost ~1 ms per MB, so they are computed only when the SOP Instance
+        UID is already known: a first copy needs none, a second is compared with it."""
         with self._lock:
-            row = self._db.execute(
-                "SELECT content_sha256 FROM instances WHERE sop_uid = ? "
-                "ORDER BY version DESC LIMIT 1", (sop_uid,)).fetchone()
-        return row is not None and row[0] == digest
+            seen = self._db.execute("SELECT 1 FROM instances WHERE sop_uid = ? LIMIT 1",
+                                    (sop_uid,)).fetchone()
+        return _content_digest(path) if seen else None
+
+    def _latest_digest(self, db, sop_uid: str) -> tuple[int, int, str] | None:
+        row = db.execute("SELECT id, version, content_sha256, path FROM instances "
+                         "WHERE sop_uid = ? ORDER BY version DESC LIMIT 1", (sop_uid,)).fetchone()
+        if row is None:
+            return None
+        instance_id, version, digest, path = row
+        if digest is None:
+            digest = _content_digest(self.spool / path)
+            db.execute("UPDATE instances SET content_sha256 = ? WHERE id = ?",
+                       (digest, instance_id))
+        return instance_id, version, digest
+
+    def _is_duplicate(self, sop_uid: str, digest: str) -> bool:
+        with self._transaction() as db:
+            latest = self._latest_digest(db, sop_uid)
+        return latest is not None and latest[2] == digest
 
     def _journal_instance(self, ds, study_uid, sop_uid, digest, target, size,
                           source) -> StoreOutcome:
@@ -289,9 +307,9 @@ class Store:
                     self._transition(db, "study", study_id, "receiving", "new_instance")
                 db.execute("UPDATE studies SET last_instance_at = ?, updated_at = ? "
                            "WHERE id = ?", (now, now, study_id))
-            previous = db.execute(
-                "SELECT id, version, content_sha256 FROM instances WHERE sop_uid = ? "
-                "ORDER BY version DESC LIMIT 1", (sop_uid,)).fetchone()
+            previous = self._latest_digest(db, sop_uid)
+            if previous is not None and digest is None:
+                digest = _content_digest(target)  # raced with another copy: compare now
             if previous is not None and previous[2] == digest:
                 os.unlink(target)  # raced with an identical copy
                 return StoreOutcome("duplicate", None, study_uid, sop_uid)
@@ -347,7 +365,14 @@ class Store:
         marked processing, each with its run (re-used if a crash interrupted it)."""
         now = time.time()
         busy = self.open_studies()
-        claims = []
+        claims: list[StudyClaim] = []
+        with self._lock:  # cheap look first: the write lock only when there is work
+            waiting = self._db.execute(
+                "SELECT COUNT(*) FROM studies WHERE state = 'receiving' AND "
+                "last_instance_at <= ? AND not_before <= ?",
+                (now - settle_seconds, now)).fetchone()[0]
+        if not waiting:
+            return claims
         with self._transaction() as db:
             rows = db.execute(
                 "SELECT id, study_uid, generation, attempts FROM studies "

@@ -1,0 +1,108 @@
+"""The worker in-process: failures are bounded and never stop it; peers outside the allowed
+networks are rejected."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from xrvd.config import Config, ScpConfig
+from xrvd.ingest.scp import StorageSCP
+from xrvd.pipeline.models import Classifier
+from xrvd.store import Store
+from xrvd.worker import Worker, safe_name
+
+from .conftest import NIH_SC
+from .harness import copy_with_new_uids
+
+MODEL = "densenet121-res224-all"
+
+
+def wait_for_states(store: Store, expected: dict[str, int], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while store.counts()["studies"] != expected:
+        assert time.monotonic() < deadline, f"studies {store.counts()['studies']}"
+        store.wait_for_work(0.05)
+
+
+@pytest.fixture
+def worker_factory(tmp_path, untrained_weights):
+    workers = []
+
+    def make(**overrides):
+        config = Config(state_dir=tmp_path / "state",
+                        model={"name": MODEL, "weights_dir": untrained_weights(MODEL)},
+                        study={"settle_seconds": 0, "retry_seconds": 0, "max_attempts": 2},
+                        **overrides)
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        store = Store(config.state_dir)
+        classifier = Classifier.load(MODEL, config.weights_dir, allow_untrained=True)
+        worker = Worker(config, store, classifier)
+        workers.append((worker, store))
+        return worker, store
+
+    yield make
+    for worker, store in workers:
+        worker.stop()
+        store.close()
+
+
+def test_a_failing_study_is_marked_failed_after_bounded_attempts(worker_factory, tmp_path):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the output folder should be")
+    worker, store = worker_factory(output={"folder": blocked})
+    copy_with_new_uids(NIH_SC, tmp_path / "a.dcm")
+    store.store_file(tmp_path / "a.dcm", source="test", move=False)
+    worker.start()
+    wait_for_states(store, {"failed": 1})
+    [(reason, attempts)] = store.query("SELECT reason, attempts FROM studies")
+    assert attempts == 2
+    assert "FileExistsError" in reason or "NotADirectoryError" in reason
+    assert worker.alive()
+
+
+def test_worker_keeps_going_after_a_failed_study(worker_factory, tmp_path):
+    worker, store = worker_factory()
+    worker.start()
+    copy_with_new_uids(NIH_SC, tmp_path / "a.dcm")
+    store.store_file(tmp_path / "a.dcm", source="test", move=False)
+    broken = tmp_path / "b.dcm"
+    copy_with_new_uids(NIH_SC, broken)
+    outcome = store.store_file(broken, source="test", move=False)
+    # The spool copy is damaged after it was stored: that image is skipped, not fatal.
+    [(path,)] = store.query("SELECT path FROM instances WHERE sop_uid = ?", (outcome.sop_uid,))
+    (store.spool / path).write_bytes((store.spool / path).read_bytes()[:5000])
+    wait_for_states(store, {"classified": 2})
+    [(state, reason)] = store.query("SELECT state, reason FROM instances WHERE sop_uid = ?",
+                                    (outcome.sop_uid,))
+    assert (state, reason) == ("skipped", "truncated")
+    assert worker.alive()
+
+
+def test_result_names_never_come_from_unsafe_uids():
+    assert safe_name("1.2.840.10008.1") == "1.2.840.10008.1"
+    for hostile in ("../../etc/passwd", "1.2/3", "", "1." * 40):
+        name = safe_name(hostile)
+        assert "/" not in name and ".." not in name and name.startswith("x")
+
+
+def test_peer_outside_allowed_networks_is_rejected(tmp_path):
+    store = Store(tmp_path / "state")
+    scp = StorageSCP(ScpConfig(port=0, allowed_calling_aets=["*"],
+                               allowed_peers=["10.0.0.0/8"]), store)
+    port = scp.start()
+    try:
+        ae = AE(ae_title="ANY")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", port, ae_title="XRVD")
+        assert assoc.is_rejected
+        scp.apply_policy(ScpConfig(allowed_calling_aets=["*"], allowed_peers=["127.0.0.0/8"]))
+        assoc = ae.associate("127.0.0.1", port, ae_title="XRVD")
+        assert assoc.is_established
+        assoc.release()
+    finally:
+        scp.stop()
+        store.close()
