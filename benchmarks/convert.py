@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -23,21 +24,11 @@ import torchxrayvision as xrv
 
 from xrvd.pipeline.convert import prepare_file
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.reference import reference as reference_array  # noqa: E402
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
 CR = DATA / "wg04_cr_chest_mono1_15bit.dcm"
-
-
-def reference_array(path: Path, resolution: int) -> np.ndarray:
-    import skimage.io
-
-    if path.suffix == ".dcm":
-        image = xrv.utils.read_xray_dcm(str(path))[None]
-    else:
-        image = xrv.datasets.normalize(skimage.io.imread(path), 255)
-        image = (image[:, :, 0] if image.ndim > 2 else image)[None]
-    image = xrv.datasets.XRayCenterCrop()(image)
-    return xrv.utils.fix_resolution(torch.from_numpy(np.ascontiguousarray(image)), resolution,
-                                    reference_array).numpy()
 
 
 def reference_with_skimage_resizer(path: Path) -> np.ndarray:
@@ -89,8 +80,7 @@ def main() -> None:
         print(f"  {name:<36} {statistics.median(times) * 1000:8.1f} ms")
     import pydicom
 
-    from xrvd.pipeline.convert import fit_square, resize
-    from xrvd.pipeline.convert import dataset_to_normalized
+    from xrvd.pipeline.convert import dataset_to_normalized, fit_square, resize
 
     ds = pydicom.dcmread(CR)
     read = timed(lambda: pydicom.dcmread(CR).pixel_array, args.repeat)

@@ -21,24 +21,9 @@ from xrvd.pipeline.models import Classifier
 from xrvd.pipeline.read import read_dicom
 
 from .conftest import NIH_SC, PNGS, REJECT, RSNA_JPEG, TINY_CR, WG04_CR
+from .reference import reference
 
 CLASSIFIABLE = [WG04_CR, NIH_SC, RSNA_JPEG, *PNGS]
-
-
-def reference(path: Path, resolution: int) -> np.ndarray:
-    """TorchXRayVision's path: read_xray_dcm (or normalize(img, 255) for a bitmap, first
-    channel), XRayCenterCrop, then the resize the model applies in fix_resolution."""
-    import skimage.io
-    import torchxrayvision as xrv
-
-    if path.suffix == ".dcm":
-        image = xrv.utils.read_xray_dcm(str(path))[None]
-    else:
-        image = xrv.datasets.normalize(skimage.io.imread(path), 255)
-        image = (image[:, :, 0] if image.ndim > 2 else image)[None]
-    image = xrv.datasets.XRayCenterCrop()(image)
-    return xrv.utils.fix_resolution(torch.from_numpy(np.ascontiguousarray(image)),
-                                    resolution, reference).numpy()
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ import os
 import numpy as np
 import pytest
 
+from xrvd.errors import UnknownModelError
 from xrvd.pipeline.models import Classifier
 from xrvd.pipeline.registry import MODELS, get_spec
-from xrvd.errors import UnknownModelError
 
 EXPECTED = {
     "densenet121-res224-all", "densenet121-res224-nih", "densenet121-res224-pc",

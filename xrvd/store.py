@@ -29,6 +29,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from .errors import XrvdError
+from .fsutil import fsync_path
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -154,14 +155,6 @@ def _content_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Store:
     def __init__(self, state_dir: Path):
         self.state_dir = Path(state_dir)
@@ -231,12 +224,12 @@ class Store:
                 return StoreOutcome("duplicate", None, study_uid, sop_uid)
             target.parent.mkdir(exist_ok=True)
             if move and source_path.stat().st_dev == target.parent.stat().st_dev:
-                _fsync_path(source_path)
+                fsync_path(source_path)
                 os.rename(source_path, target)
             else:
                 shutil.copyfile(source_path, target)
-                _fsync_path(target)
-            _fsync_path(target.parent)
+                fsync_path(target)
+            fsync_path(target.parent)
             size = target.stat().st_size
         except OSError as exc:
             target.unlink(missing_ok=True)

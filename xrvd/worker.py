@@ -9,7 +9,6 @@ same file: never two results for one study and model.
 from __future__ import annotations
 
 import json
-import os
 import re
 import threading
 import time
@@ -21,6 +20,7 @@ import pydicom
 
 from .config import Config
 from .errors import ImageError
+from .fsutil import write_atomically
 from .log import get_logger
 from .pipeline.convert import ConvertOptions, prepare_dataset
 from .pipeline.models import Classifier
@@ -122,14 +122,15 @@ class Worker:
                                                             for item in work}
         sources: dict[int, list[tuple[InstanceRow, pydicom.Dataset]]] = {
             item.claim.run_id: [] for item in work}
-        for (item, row, ds, _), row_scores in zip(inputs, scores):
+        for (item, row, ds, _), row_scores in zip(inputs, scores, strict=True):
             if not np.all(np.isfinite(row_scores)):
                 self.store.mark_instance(row.id, "failed", "non_finite_scores")
                 self.log.warning("instance.failed", sop_instance_uid=row.sop_uid,
                                  reason="non_finite_scores")
                 continue
             per_study[item.claim.run_id][row.id] = {
-                label: float(score) for label, score in zip(self.classifier.labels, row_scores)}
+                label: float(score)
+                for label, score in zip(self.classifier.labels, row_scores, strict=True)}
             sources[item.claim.run_id].append((row, ds))
         for item in work:
             try:
@@ -210,16 +211,6 @@ class Worker:
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / (f"{identity.name}-{identity.weights_sha256[:12]}"
                            f"-g{claim.generation}.json")
-        tmp = target.with_name(f".{target.name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(document, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_atomically(target, json.dumps(document, indent=2).encode())
         self.log.info("result.written", study_instance_uid=claim.study_uid, path=str(target))
         return target

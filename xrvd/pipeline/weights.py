@@ -29,6 +29,7 @@ from ..errors import (
     WeightsCorruptError,
     WeightsMissingError,
 )
+from ..fsutil import fsync_path
 from .registry import ModelSpec
 
 UNTRAINED_MARKER = "xrvd_untrained"  # attribute set only by pipeline/untrained.py
@@ -139,18 +140,10 @@ def _install(spec: ModelSpec, weights_dir: Path, produce) -> Path:
             )
         final = weights_path(spec, weights_dir)
         os.replace(staged, final)
-        _fsync_dir(weights_dir)
+        fsync_path(weights_dir)
         return final
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_network(spec: ModelSpec, path: Path) -> LoadedNetwork:
