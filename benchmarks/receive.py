@@ -30,6 +30,14 @@ from pydicom.uid import generate_uid
 ROOT = Path(__file__).resolve().parents[1]
 CR = ROOT.parent / "shared" / "data" / "cxr" / "wg04_cr_chest_mono1_15bit.dcm"
 ENV = dict(os.environ, TCP_NODELAY="1")
+# DCMTK's tools from the system: pynetdicom puts its own `storescu` in the virtual environment.
+ENV["PATH"] = os.pathsep.join(p for p in ENV.get("PATH", "").split(os.pathsep)
+                              if os.path.realpath(p) != os.path.realpath(
+                                  os.path.dirname(sys.executable)))
+
+
+def dcmtk(name: str) -> str | None:
+    return shutil.which(name, path=ENV["PATH"])
 
 
 def make_instances(folder: Path, count: int) -> list[Path]:
@@ -55,8 +63,8 @@ def make_instances(folder: Path, count: int) -> list[Path]:
 
 def send(port: int, files: list[Path], aet: str = "BENCH") -> float:
     started = time.perf_counter()
-    done = subprocess.run(["storescu", "-R", "-aet", aet, "-aec", "XRVD", "--max-pdu", "131072",
-                           "127.0.0.1", str(port), *map(str, files)],
+    done = subprocess.run([dcmtk("storescu"), "-R", "-aet", aet, "-aec", "XRVD",
+                           "--max-pdu", "131072", "127.0.0.1", str(port), *map(str, files)],
                           env=ENV, capture_output=True, text=True)
     elapsed = time.perf_counter() - started
     if done.returncode != 0:
@@ -76,11 +84,11 @@ def bench_storescp(files: list[Path], work: Path) -> float:
     out = work / "storescp-out"
     out.mkdir()
     port = free_port()
-    scp = subprocess.Popen(["storescp", "+B", "--max-pdu", "131072", "-od", str(out),
-                            str(port)], env=ENV)
+    scp = subprocess.Popen([dcmtk("storescp"), "+B", "--max-pdu", "131072", "-od",
+                            str(out), str(port)], env=ENV)
     try:
         for _ in range(100):  # wait until it listens
-            if subprocess.run(["echoscu", "-aec", "ANY", "127.0.0.1", str(port)],
+            if subprocess.run([dcmtk("echoscu"), "-aec", "ANY", "127.0.0.1", str(port)],
                               capture_output=True, env=ENV).returncode == 0:
                 break
             time.sleep(0.05)
@@ -128,7 +136,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--count", type=int, default=50)
     args = parser.parse_args()
-    if not shutil.which("storescu"):
+    if not dcmtk("storescu"):
         raise SystemExit("needs DCMTK: apt-get install dcmtk")
     with tempfile.TemporaryDirectory(dir=ROOT.parent if os.access(ROOT.parent, os.W_OK)
                                      else None) as tmp:

@@ -37,11 +37,11 @@ class DaemonProcess:
 
     # --- lifecycle -----------------------------------------------------------------------
 
-    def start(self, timeout: float = 120) -> DaemonProcess:
+    def start(self, timeout: float = 120, env: dict[str, str] | None = None) -> DaemonProcess:
         with self._cond:
             self.events = []
         env = dict(os.environ, **{ALLOW_UNTRAINED_ENV: "yes-these-scores-are-meaningless",
-                                  "PYTHONUNBUFFERED": "1"})
+                                  "PYTHONUNBUFFERED": "1"}, **(env or {}))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "xrvd", "serve", "-c", str(self.config_path)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
@@ -76,6 +76,10 @@ class DaemonProcess:
         self.proc.kill()
         self.proc.wait(timeout=30)
         self._join()
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
 
     def terminate(self, timeout: float = 60) -> int:
         assert self.proc is not None

@@ -21,7 +21,16 @@ from .conftest import CXR, NIH_SC, REJECT, RSNA_JPEG, TINY_CR, WG04_CR
 from .harness import DaemonProcess, copy_with_new_uids, write_config
 
 MODEL = "densenet121-res224-all"
-STORESCU = shutil.which("storescu")
+def dcmtk_tool(name: str) -> str | None:
+    """A DCMTK program from the system PATH: pynetdicom installs a `storescu` of its own into
+    the virtual environment, which `uv run` puts first."""
+    venv_bin = os.path.dirname(sys.executable)
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                           if p and os.path.realpath(p) != os.path.realpath(venv_bin))
+    return shutil.which(name, path=path)
+
+
+STORESCU = dcmtk_tool("storescu")
 if os.environ.get("CI") == "true" and STORESCU is None:
     raise RuntimeError("CI must install DCMTK (storescu): see .ci/run")
 
@@ -135,6 +144,13 @@ def test_storescu_sends_every_fixture(daemon):
     images = [img["sop_instance_uid"] for path in written
               for img in json.loads(path.read_text())["images"]]
     assert sorted(images) == sorted(expected)
+    # No patient name or ID reaches the events (log.include_patient_identifiers is off).
+    logged = json.dumps(xrvd.events, ensure_ascii=False) + xrvd.stderr
+    for f in files:
+        header = pydicom.dcmread(f, stop_before_pixels=True)
+        for identifier in (str(header.get("PatientName", "")), str(header.get("PatientID", ""))):
+            if len(identifier) > 2:
+                assert identifier not in logged
     assert xrvd.terminate() == 0
     assert xrvd.find("daemon.stopped")
 

@@ -87,6 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("name", choices=list(MODELS), metavar="NAME")
     imp.add_argument("file", type=Path, metavar="FILE")
 
+    status = sub.add_parser("status", parents=[common],
+                            help="what the journal says: counts, queue, failures (read-only)")
+    status.add_argument("--json", action="store_true")
+    retry = sub.add_parser("retry", parents=[common],
+                           help="put failed studies back into the queue")
+    retry.add_argument("--json", action="store_true")
+    echo = sub.add_parser("echo", parents=[common],
+                          help="C-ECHO a DICOM peer (default: this xrvd's own listener)")
+    echo.add_argument("--host", help="default: scp.bind from the config")
+    echo.add_argument("--port", type=int, help="default: scp.port from the config")
+    echo.add_argument("--called-aet", "-aec", help="default: scp.ae_title from the config")
+    echo.add_argument("--calling-aet", "-aet", default="XRVD-ECHO")
+    echo.add_argument("--timeout", type=float, default=10.0)
+    echo.add_argument("--json", action="store_true")
     sub.add_parser("serve", parents=[common],
                    help="run the daemon: receive, classify, report (until SIGTERM)")
     sub.add_parser("demo", parents=[common],
@@ -123,11 +137,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "serve":
         from .daemon import serve
 
-        return serve(config)
-    log.configure(args.log_level or "warning", "console", stream=sys.stderr,
+        return serve(config, args.config)
+    log.configure(args.log_level or "warning", "console", stream="stderr",
                   include_patient_identifiers=config.log.include_patient_identifiers)
     if args.command == "classify":
         return _classify(args, config)
+    if args.command in ("status", "retry", "echo"):
+        return _ops(args, config)
     if args.command == "demo":
         from .demo import run_demo
 
@@ -158,6 +174,22 @@ def _classify(args: argparse.Namespace, config) -> int:
               file=sys.stderr)
         return EXIT_PARTIAL
     return EXIT_OK
+
+
+def _ops(args: argparse.Namespace, config) -> int:
+    from . import ops
+
+    if args.command == "status":
+        print(ops.status(config, args.json))
+        return EXIT_OK
+    if args.command == "retry":
+        print(ops.retry(config, args.json))
+        return EXIT_OK
+    code, text = ops.echo(args.host or config.scp.bind, args.port or config.scp.port,
+                          args.called_aet or config.scp.ae_title, args.calling_aet,
+                          args.timeout, args.json)
+    print(text)
+    return code
 
 
 def _models(args: argparse.Namespace, config) -> int:

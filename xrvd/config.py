@@ -147,6 +147,24 @@ class OutputConfig(Section):
     folder: Path | None = None
 
 
+class MetricsConfig(Section):
+    # Prometheus metrics at /metrics and a health check at /healthz.
+    enabled: bool = False
+    bind: str = "127.0.0.1"
+    port: int = Field(default=9464, ge=0, le=65535)
+
+
+class ServiceConfig(Section):
+    # A worker busy on one batch for longer than this counts as stuck: systemd's watchdog
+    # pings stop (and systemd restarts the service), /healthz fails.
+    worker_stall_seconds: float = Field(default=300.0, gt=0)
+    # How often STATUS= (queue depth, counts) is refreshed for `systemctl status`.
+    status_seconds: float = Field(default=5.0, gt=0)
+    # How long SIGTERM waits for associations and the batch in hand before leaving them.
+    drain_seconds: float = Field(default=20.0, ge=0)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+
 class LogConfig(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
@@ -162,6 +180,7 @@ class Config(Section):
     study: StudyConfig = Field(default_factory=StudyConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    service: ServiceConfig = Field(default_factory=ServiceConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 
     @model_validator(mode="after")

@@ -1,6 +1,11 @@
-"""`xrvd serve`: wires store, model, worker and listeners from the config, and runs until
-SIGTERM or SIGINT, which stop new associations, let work in flight finish (or leave it for
-the next start), and exit 0."""
+"""`xrvd serve`: wires store, model, worker and listeners from the config and supervises them.
+
+Under systemd (Type=notify) it says READY=1 once the model is loaded and every listener is up,
+keeps STATUS= current, pings WATCHDOG=1 only while the worker and listeners are really alive
+(a stuck worker stops the pings, so systemd restarts the service), and says STOPPING=1 and
+RELOADING=1 around a stop or reload. SIGTERM/SIGINT stop new associations, let work in flight
+finish (or leave it for the next start) and exit 0. SIGHUP reloads what can change safely.
+"""
 
 from __future__ import annotations
 
@@ -8,28 +13,48 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
-from . import __version__, log
-from .config import Config
-from .errors import XrvdError
+from . import __version__, log, metrics
+from .config import Config, load_config
+from .errors import ConfigError, XrvdError
 from .ingest.scp import StorageSCP
 from .ingest.watch import DropFolderWatcher
 from .pipeline.models import Classifier
 from .store import Store
+from .systemd import Notifier
 from .worker import Worker
 
-DRAIN_SECONDS = 20.0
+# Keys a reload cannot change in a running process; they need a restart.
+RESTART_ONLY = ("state_dir", "model.name", "model.weights_dir", "model.device",
+                "model.threads", "convert", "scp.enabled", "scp.ae_title", "scp.bind",
+                "scp.port", "scp.max_associations", "scp.max_pdu", "watch", "output",
+                "service.metrics")
+
+
+def _get(config: Config, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value.model_dump() if hasattr(value, "model_dump") else value
 
 
 class Daemon:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, config_path: str | None = None):
         self.config = config
+        self.config_path = config_path
         self.log = log.get_logger(component="daemon")
+        self.notifier = Notifier()
         self.stopping = threading.Event()
+        self.reload_requested = threading.Event()
         self.store: Store | None = None
         self.worker: Worker | None = None
         self.scp: StorageSCP | None = None
         self.watcher: DropFolderWatcher | None = None
+        self.metrics_server: metrics.MetricsServer | None = None
+        self.model_name = config.model.name
+
+    # --- start and stop -----------------------------------------------------------------
 
     def start(self) -> None:
         config = self.config
@@ -56,32 +81,133 @@ class Daemon:
         if config.watch.enabled:
             self.watcher = DropFolderWatcher(config.watch, self.store)
             self.watcher.start()
-        self.log.info("daemon.ready", version=__version__, model=identity.name)
+        if config.service.metrics.enabled:
+            self.metrics_server = metrics.MetricsServer(
+                config.service.metrics.bind, config.service.metrics.port, self.problems)
+            self.metrics_server.start()
+            self.log.info("metrics.listening", bind=config.service.metrics.bind,
+                          port=self.metrics_server.port)
+        self.notifier.notify(READY=1, STATUS=self.status_line())
+        self.log.info("daemon.ready", version=__version__, model=identity.name,
+                      watchdog_s=self.notifier.watchdog_seconds)
 
     def stop(self) -> None:
+        self.notifier.notify(STOPPING=1, STATUS="stopping: finishing work in flight")
         self.log.info("daemon.stopping")
+        drain = self.config.service.drain_seconds
         if self.scp is not None:
-            self.scp.stop(DRAIN_SECONDS)
+            self.scp.stop(drain)
         if self.watcher is not None:
             self.watcher.stop()
-        if self.worker is not None and not self.worker.stop(DRAIN_SECONDS):
+        if self.worker is not None and not self.worker.stop(drain):
             self.log.warning("worker.abandoned", detail="work in progress resumes at the next "
                              "start")
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         if self.store is not None:
             self.store.close()
         self.log.info("daemon.stopped")
+        self.notifier.close()
+
+    # --- supervision ----------------------------------------------------------------------
+
+    def problems(self) -> list[str]:
+        """Why the daemon is not healthy; empty when it is."""
+        found = []
+        if self.worker is None or not self.worker.alive():
+            found.append("worker thread is not running")
+        elif self.worker.stalled_for() > self.config.service.worker_stall_seconds:
+            found.append(f"worker stuck for {self.worker.stalled_for():.0f} s")
+        if self.config.scp.enabled and (self.scp is None or not self.scp.alive()):
+            found.append("DICOM listener is not running")
+        if self.config.watch.enabled and (self.watcher is None or not self.watcher.alive()):
+            found.append("drop folder watcher is not running")
+        return found
+
+    def status_line(self) -> str:
+        if self.store is None:
+            return "starting"
+        counts = self.store.counts()["studies"]
+        for state in ("receiving", "processing", "classified", "failed"):
+            metrics.QUEUE.labels(state).set(counts.get(state, 0))
+        return (f"{counts.get('receiving', 0)} studies waiting, "
+                f"{counts.get('processing', 0)} processing, "
+                f"{counts.get('classified', 0)} classified, {counts.get('failed', 0)} failed; "
+                f"model {self.model_name}")
+
+    def run(self) -> None:
+        """Supervise until asked to stop: watchdog pings, STATUS, reloads."""
+        watchdog = self.notifier.watchdog_seconds
+        tick = min(1.0, watchdog / 3) if watchdog else 1.0
+        next_status = 0.0
+        reported: list[str] = []
+        while not self.stopping.wait(tick):
+            try:
+                reported, next_status = self._supervise(watchdog, reported, next_status)
+            except Exception as exc:  # noqa: BLE001 - supervision must never end the daemon
+                self.log.error("daemon.supervision_failed", error=repr(exc))
+
+    def _supervise(self, watchdog: float | None, reported: list[str],
+                   next_status: float) -> tuple[list[str], float]:
+        if self.reload_requested.is_set():
+            self.reload_requested.clear()
+            self.reload()
+        problems = self.problems()
+        if problems != reported:
+            if problems:
+                self.log.error("daemon.unhealthy", problems=problems)
+            else:
+                self.log.info("daemon.healthy")
+            reported = problems
+        if not problems and watchdog:
+            self.notifier.notify(WATCHDOG=1)
+        if time.monotonic() >= next_status:
+            self.notifier.notify(STATUS=("UNHEALTHY: " + "; ".join(problems)) if problems
+                                 else self.status_line())
+            next_status = time.monotonic() + self.config.service.status_seconds
+        return reported, next_status
+
+    def reload(self) -> None:
+        """SIGHUP: apply allow-lists, thresholds, selection, settling and log level without
+        dropping associations; a config that fails validation is refused, the old one stays."""
+        self.notifier.notify(RELOADING=1, MONOTONIC_USEC=int(time.monotonic() * 1e6))
+        try:
+            if self.config_path is None:
+                raise ConfigError("<defaults>", ["started without --config: nothing to reload"])
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            self.log.error("config.reload_failed", problems=exc.problems,
+                           detail="keeping the configuration in use")
+            self.notifier.notify(READY=1, STATUS=self.status_line())
+            return
+        needs_restart = [key for key in RESTART_ONLY if _get(new, key) != _get(self.config, key)]
+        log.configure(new.log.level, new.log.format,
+                      include_patient_identifiers=new.log.include_patient_identifiers)
+        if self.scp is not None:
+            self.scp.apply_policy(new.scp)
+        if self.worker is not None:
+            self.worker.apply(new)
+        self.config = new
+        self.log.info("config.reloaded", path=str(self.config_path),
+                      needs_restart=needs_restart or None)
+        self.notifier.notify(READY=1, STATUS=self.status_line())
 
     def request_stop(self, signum: int, _frame=None) -> None:
         self.log.info("signal.received", signal=signal.Signals(signum).name)
         self.stopping.set()
 
+    def request_reload(self, signum: int, _frame=None) -> None:
+        self.log.info("signal.received", signal=signal.Signals(signum).name)
+        self.reload_requested.set()
 
-def serve(config: Config) -> int:
+
+def serve(config: Config, config_path: str | Path | None = None) -> int:
     log.configure(config.log.level, config.log.format,
                   include_patient_identifiers=config.log.include_patient_identifiers)
-    daemon = Daemon(config)
+    daemon = Daemon(config, str(config_path) if config_path else None)
     signal.signal(signal.SIGTERM, daemon.request_stop)
     signal.signal(signal.SIGINT, daemon.request_stop)
+    signal.signal(signal.SIGHUP, daemon.request_reload)
     try:
         daemon.start()
     except XrvdError as exc:
@@ -89,7 +215,6 @@ def serve(config: Config) -> int:
         print(f"xrvd: cannot start: {exc}", file=sys.stderr)
         daemon.stop()
         return 2
-    while not daemon.stopping.wait(1.0):
-        pass
+    daemon.run()
     daemon.stop()
     return 0

@@ -27,8 +27,20 @@ def _redactor(include_patient_identifiers: bool):
     return redact
 
 
-def configure(level: str = "info", fmt: str = "json", *, stream: IO[str] | None = None,
+class _StandardStreamLoggerFactory:
+    """Prints to sys.stdout or sys.stderr as they are at each call, not as they were when
+    logging was configured (a replaced stream, as under test runners, stays usable)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, *args: Any) -> structlog.PrintLogger:
+        return structlog.PrintLogger(getattr(sys, self.name))
+
+
+def configure(level: str = "info", fmt: str = "json", *, stream: IO[str] | str = "stdout",
               include_patient_identifiers: bool = False) -> None:
+    """stream: "stdout", "stderr", or a file object."""
     renderer = (structlog.processors.JSONRenderer() if fmt == "json"
                 else structlog.dev.ConsoleRenderer(colors=False))
     structlog.configure(
@@ -43,7 +55,8 @@ def configure(level: str = "info", fmt: str = "json", *, stream: IO[str] | None 
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
+        logger_factory=(_StandardStreamLoggerFactory(stream) if isinstance(stream, str)
+                        else structlog.PrintLoggerFactory(stream)),
         cache_logger_on_first_use=False,
     )
 

@@ -126,6 +126,7 @@ class StudyClaim:
     generation: int
     attempts: int
     run_id: int
+    last_instance_at: float
 
 
 def _header(path: Path) -> pydicom.Dataset:
@@ -368,10 +369,10 @@ class Store:
             return claims
         with self._transaction() as db:
             rows = db.execute(
-                "SELECT id, study_uid, generation, attempts FROM studies "
+                "SELECT id, study_uid, generation, attempts, last_instance_at FROM studies "
                 "WHERE state = 'receiving' AND last_instance_at <= ? AND not_before <= ? "
                 "ORDER BY last_instance_at", (now - settle_seconds, now)).fetchall()
-            for study_id, study_uid, generation, attempts in rows:
+            for study_id, study_uid, generation, attempts, last_instance_at in rows:
                 if study_uid in busy:
                     continue
                 run = db.execute(
@@ -389,7 +390,8 @@ class Store:
                 db.execute("UPDATE studies SET state = 'processing', updated_at = ? "
                            "WHERE id = ?", (now, study_id))
                 self._transition(db, "study", study_id, "processing")
-                claims.append(StudyClaim(study_id, study_uid, generation, attempts, run_id))
+                claims.append(StudyClaim(study_id, study_uid, generation, attempts, run_id,
+                                         last_instance_at))
                 if len(claims) >= limit:
                     break
         return claims
@@ -475,6 +477,17 @@ class Store:
                     path.unlink(missing_ok=True)
         return {"studies_resumed": resumed, "orphans_journaled": orphans}
 
+    def retry_failed(self) -> int:
+        """Failed studies go back into the queue with fresh attempts (`xrvd retry`)."""
+        now = time.time()
+        with self._transaction() as db:
+            ids = [row[0] for row in db.execute("SELECT id FROM studies WHERE state = 'failed'")]
+            db.execute("UPDATE studies SET state = 'receiving', attempts = 0, not_before = 0, "
+                       "updated_at = ? WHERE state = 'failed'", (now,))
+            for study_id in ids:
+                self._transition(db, "study", study_id, "receiving", "retry")
+        return len(ids)
+
     # --- reading, for status and tests ---------------------------------------------------
 
     def counts(self) -> dict[str, dict[str, int]]:
@@ -488,3 +501,41 @@ class Store:
     def query(self, sql: str, params: Iterable = ()) -> list[tuple]:
         with self._lock:
             return self._db.execute(sql, tuple(params)).fetchall()
+
+
+def read_status(state_dir: Path) -> dict:
+    """What `xrvd status` shows, read-only, while the daemon may be running."""
+    path = Path(state_dir) / "journal.sqlite3"
+    if not path.exists():
+        raise StoreError(f"no journal at {path}: has xrvd serve run with this state_dir?")
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        studies = dict(db.execute("SELECT state, COUNT(*) FROM studies GROUP BY state"))
+        instances = dict(db.execute("SELECT state, COUNT(*) FROM instances GROUP BY state"))
+        skipped = dict(db.execute("SELECT reason, COUNT(*) FROM instances "
+                                  "WHERE state = 'skipped' GROUP BY reason"))
+        oldest = db.execute("SELECT study_uid, MIN(last_instance_at) FROM studies "
+                            "WHERE state IN ('receiving', 'processing')").fetchone()
+        failures = [
+            {"study_instance_uid": uid, "attempts": attempts, "reason": reason,
+             "since": updated}
+            for uid, attempts, reason, updated in db.execute(
+                "SELECT study_uid, attempts, reason, updated_at FROM studies "
+                "WHERE state = 'failed' ORDER BY updated_at DESC LIMIT 20")]
+        last_run = db.execute("SELECT model, weights_sha256, finished_at FROM runs "
+                              "WHERE state = 'done' ORDER BY finished_at DESC LIMIT 1").fetchone()
+    finally:
+        db.close()
+    now = time.time()
+    return {
+        "studies": studies,
+        "instances": instances,
+        "skipped_by_reason": skipped,
+        "queue_depth": studies.get("receiving", 0) + studies.get("processing", 0),
+        "oldest_waiting": None if oldest[0] is None else {
+            "study_instance_uid": oldest[0], "waiting_s": round(now - oldest[1], 1)},
+        "failed_studies": failures,
+        "last_run": None if last_run is None else {
+            "model": last_run[0], "weights_sha256": last_run[1],
+            "finished_ago_s": round(now - last_run[2], 1)},
+    }

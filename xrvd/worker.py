@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
+from . import metrics
 from .config import Config
 from .errors import ImageError
 from .fsutil import write_atomically
@@ -53,6 +54,17 @@ class Worker:
         self.config = config
         self.store = store
         self.classifier = classifier
+        self.apply(config)
+        self.options = ConvertOptions(**config.convert.model_dump())
+        self.log = get_logger(component="worker", model=classifier.identity.name)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="xrvd-worker", daemon=True)
+        self.heartbeat = time.monotonic()
+        self.busy_since: float | None = None
+
+    def apply(self, config: Config) -> None:
+        """Take a reloaded config: thresholds, selection rules, settling, batch size."""
+        self.config = config
         self.rules = SelectRules(
             modalities=tuple(m.upper() for m in config.select.modalities),
             views=tuple(v.upper() for v in config.select.views),
@@ -61,12 +73,6 @@ class Worker:
             classify_missing_body_part=config.select.classify_missing_body_part,
             min_size=config.select.min_size,
         )
-        self.options = ConvertOptions(**config.convert.model_dump())
-        self.log = get_logger(component="worker", model=classifier.identity.name)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="xrvd-worker", daemon=True)
-        self.heartbeat = time.monotonic()
-        self.busy_since: float | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -80,6 +86,12 @@ class Worker:
 
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    def stalled_for(self) -> float:
+        """Seconds the worker has been stuck: busy on one round, or not looping at all."""
+        now = time.monotonic()
+        busy = now - self.busy_since if self.busy_since is not None else 0.0
+        return max(busy, now - self.heartbeat - 5.0, 0.0)
 
     def _run(self) -> None:
         identity = self.classifier.identity
@@ -156,6 +168,7 @@ class Worker:
 
     def _skip(self, item: _StudyWork, row: InstanceRow, reason: str, detail: str) -> None:
         item.skipped += 1
+        metrics.SKIPPED.labels(reason).inc()
         self.store.mark_instance(row.id, "skipped", reason)
         self.log.info("instance.skipped", sop_instance_uid=row.sop_uid,
                       study_instance_uid=item.claim.study_uid, reason=reason, detail=detail)
@@ -165,6 +178,11 @@ class Worker:
         claim = item.claim
         result_path = self._write_result(claim, scores, sources) if scores else None
         state = self.store.finish_run(claim, scores, result_path)
+        metrics.CLASSIFIED.inc(len(scores))
+        if result_path is not None:
+            metrics.REPORTED.inc()
+        metrics.CLASSIFY_SECONDS.observe(time.perf_counter() - item.started)
+        metrics.END_TO_END_SECONDS.observe(max(0.0, time.time() - claim.last_instance_at))
         threshold = self.config.model.threshold
         self.log.info(
             "study.classified", study_instance_uid=claim.study_uid,
@@ -175,6 +193,7 @@ class Worker:
             duration_s=round(time.perf_counter() - item.started, 4))
 
     def _fail(self, claim: StudyClaim, reason: str) -> None:
+        metrics.FAILED.inc()
         state = self.store.fail_attempt(claim, reason, self.config.study.max_attempts,
                                         self.config.study.retry_seconds)
         event = "study.failed" if state == "failed" else "study.retry"

@@ -34,9 +34,10 @@ from pydicom.uid import (
 from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import AssociationSocket
+from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from ..config import ScpConfig
+from .. import metrics
 from ..log import get_logger
 from ..store import NotStorableError, Store, StoreError
 
@@ -150,8 +151,15 @@ class StorageSCP:
             (evt.EVT_CONN_CLOSE, self._on_closed),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self.server = self.ae.start_server((self.config.bind, self.config.port), block=False,
-                                           evt_handlers=handlers)
+        # As AE.start_server(block=False) does, but keeping the thread so health checks can
+        # see whether the listener is really serving.
+        self.server = self.ae.make_server((self.config.bind, self.config.port),
+                                          evt_handlers=handlers,
+                                          server_class=ThreadedAssociationServer)
+        self.ae._servers.append(self.server)  # noqa: SLF001 - server.shutdown() expects it
+        self._thread = threading.Thread(target=self.server.serve_forever, name="xrvd-scp",
+                                        daemon=True)
+        self._thread.start()
         self.port = self.server.server_address[1]
         if not self._any_aet and not self._aets:
             self.log.warning("scp.no_callers_allowed",
@@ -166,6 +174,7 @@ class StorageSCP:
         if self.server is None:
             return
         self.server.shutdown()
+        self._thread.join(timeout=10)
         deadline = time.monotonic() + drain_seconds
         while self.ae.active_associations and time.monotonic() < deadline:
             for assoc in self.ae.active_associations:
@@ -178,7 +187,7 @@ class StorageSCP:
         self.log.info("scp.stopped")
 
     def alive(self) -> bool:
-        return self.server is not None and self.server._thread.is_alive()  # noqa: SLF001
+        return self.server is not None and self._thread.is_alive()
 
     # --- handlers -----------------------------------------------------------------------
 
@@ -228,6 +237,7 @@ class StorageSCP:
         sop_uid = str(event.request.AffectedSOPInstanceUID)
         size = path.stat().st_size
         if size > self.max_instance_bytes:
+            metrics.REFUSED.labels("too_large").inc()
             self.log.warning("instance.refused", reason="too_large", size=size,
                              limit=self.max_instance_bytes, sop_instance_uid=sop_uid,
                              calling_aet=calling)
@@ -238,14 +248,18 @@ class StorageSCP:
             outcome = self.store.store_file(path, source=source, move=True,
                                             association=self._key(event.assoc))
         except NotStorableError as exc:
+            metrics.REFUSED.labels(exc.reason).inc()
             self.log.warning("instance.refused", reason=exc.reason, detail=str(exc),
                              sop_instance_uid=sop_uid, calling_aet=calling)
             return _status(STATUS_CANNOT_UNDERSTAND, str(exc))
         except StoreError as exc:
+            metrics.REFUSED.labels(exc.reason).inc()
             self.log.error("instance.refused", reason=exc.reason, detail=str(exc),
                            sop_instance_uid=sop_uid, calling_aet=calling)
             return _status(STATUS_OUT_OF_RESOURCES, "cannot store the instance now")
         name = "instance.duplicate" if outcome.status == "duplicate" else "instance.stored"
+        (metrics.DUPLICATES if outcome.status == "duplicate"
+         else metrics.RECEIVED.labels("scp")).inc()
         self.log.info(name, sop_instance_uid=sop_uid, study_instance_uid=outcome.study_uid,
                       status=outcome.status, size=size, calling_aet=calling,
                       duration_s=round(time.perf_counter() - started, 4))

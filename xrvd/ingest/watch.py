@@ -19,6 +19,7 @@ from watchdog.events import FileClosedEvent, FileMovedEvent, FileSystemEventHand
 from watchdog.observers import Observer
 
 from ..config import WatchConfig
+from .. import metrics
 from ..log import get_logger
 from ..store import NotStorableError, Store, StoreError
 
@@ -213,6 +214,8 @@ class DropFolderWatcher:
         with self._lock:
             self._seen.pop(path, None)
         name = "instance.duplicate" if outcome.status == "duplicate" else "instance.stored"
+        (metrics.DUPLICATES if outcome.status == "duplicate"
+         else metrics.RECEIVED.labels("watch")).inc()
         self.log.info(name, file=str(relative), sop_instance_uid=outcome.sop_uid,
                       study_instance_uid=outcome.study_uid, status=outcome.status)
         return 1
@@ -236,6 +239,7 @@ class DropFolderWatcher:
             return
         with self._lock:
             self._seen.pop(path, None)
+        metrics.REFUSED.labels("not_dicom").inc()
         self.log.warning("file.rejected", file=str(relative), moved_to=str(target),
                          reason=reason)
 

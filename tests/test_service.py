@@ -1,0 +1,251 @@
+"""Running as a service: sd_notify and the watchdog, SIGHUP reloads, status/retry/echo,
+metrics and health, the systemd unit."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pydicom
+import pytest
+import yaml
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from xrvd.cli import main
+from xrvd.config import ScpConfig
+from xrvd.ingest.scp import StorageSCP
+from xrvd.store import Store
+
+from .conftest import NIH_SC, REPO
+from .harness import DaemonProcess, copy_with_new_uids, write_config
+from .test_daemon import MODEL, send
+
+
+class NotifySocket:
+    """The datagram socket systemd would own; collects every message the daemon sends."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / "notify.sock"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(self.path))
+        self.sock.settimeout(0.2)
+        self.messages: list[dict[str, str]] = []
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines())
+            with self._cond:
+                self.messages.append(fields)
+                self._cond.notify_all()
+
+    def wait_for(self, key: str, value: str | None = None, after: int = 0, timeout=60) -> int:
+        """Index of the first message after `after` holding key (=value)."""
+        def found():
+            for i, message in enumerate(self.messages[after:], after):
+                if key in message and (value is None or message[key] == value):
+                    return i
+            return None
+
+        with self._cond:
+            assert self._cond.wait_for(lambda: found() is not None, timeout), \
+                f"no {key}={value} from the daemon; got {self.messages[-5:]}"
+            return found()
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.sock.close()
+
+
+@pytest.fixture
+def service(tmp_path, weights_copy):
+    weights = weights_copy(MODEL)
+    processes: list[DaemonProcess] = []
+
+    def start(env=None, **sections) -> DaemonProcess:
+        config = write_config(tmp_path, weights, **sections)
+        process = DaemonProcess(config, tmp_path / "state")
+        processes.append(process)
+        return process.start(env=env)
+
+    yield start
+    for process in processes:
+        process.stop()
+
+
+def test_notify_watchdog_stall_health_and_stop(service, tmp_path):
+    notify = NotifySocket(tmp_path)
+    try:
+        xrvd = service(
+            env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "600000"},
+            study={"settle_seconds": 1},
+            service={"worker_stall_seconds": 2, "status_seconds": 0.3, "drain_seconds": 1,
+                     "metrics": {"enabled": True, "port": 0}})
+        ready = notify.wait_for("READY", "1")
+        assert "STATUS" in notify.messages[ready]
+        first_ping = notify.wait_for("WATCHDOG", "1", after=ready)
+        notify.wait_for("WATCHDOG", "1", after=first_ping + 1)
+        status = notify.messages[notify.wait_for("STATUS", after=ready + 1)]["STATUS"]
+        assert "studies waiting" in status and MODEL in status
+
+        port = xrvd.wait_for("metrics.listening")[0]["port"]
+        base = f"http://127.0.0.1:{port}"
+        assert json.load(urllib.request.urlopen(f"{base}/healthz"))["healthy"] is True
+        assert send(xrvd.port, [pydicom.dcmread(NIH_SC)]) == [0]
+        xrvd.wait_for("study.classified")
+        text = urllib.request.urlopen(f"{base}/metrics").read().decode()
+        assert 'xrvd_instances_received_total{source="scp"} 1.0' in text
+        assert "xrvd_images_classified_total 1.0" in text
+        assert "xrvd_study_end_to_end_seconds_count 1.0" in text
+
+        # Stall the worker for real: the next image's spool file becomes a FIFO nobody
+        # writes to, so reading it blocks, as on a hung network mount.
+        ds = copy_with_new_uids(NIH_SC, tmp_path / "stall.dcm")
+        assert send(xrvd.port, [ds]) == [0]
+        [(path,)] = xrvd.journal("SELECT path FROM instances WHERE sop_uid = ?",
+                                 (ds.SOPInstanceUID,))
+        spooled = xrvd.state_dir / "spool" / path
+        spooled.unlink()
+        os.mkfifo(spooled)
+        unhealthy = xrvd.wait_for("daemon.unhealthy")[0]
+        assert "worker stuck" in unhealthy["problems"][0]
+        mark = notify.wait_for("STATUS", after=len(notify.messages))
+        assert notify.messages[mark]["STATUS"].startswith("UNHEALTHY")
+        later = notify.wait_for("STATUS", after=mark + 1)  # another status period passes ...
+        assert not any("WATCHDOG" in m for m in notify.messages[mark:later + 1])  # ... no ping
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(f"{base}/healthz")
+        assert info.value.code == 503
+
+        with open(spooled, "wb"):  # release the reader; that image is then skipped
+            pass
+        assert xrvd.terminate() == 0
+        notify.wait_for("STOPPING", "1")
+    finally:
+        notify.close()
+
+
+def test_sighup_reloads_allow_list_and_keeps_associations(service, tmp_path):
+    xrvd = service()
+    config_path = tmp_path / "xrvd.yaml"
+    ae = AE(ae_title="NEWCALLER")
+    ae.add_requested_context(Verification)
+    assert ae.associate("127.0.0.1", xrvd.port, ae_title="XRVD").is_rejected
+
+    held = AE(ae_title="XRVDTEST")
+    held.add_requested_context(Verification)
+    open_assoc = held.associate("127.0.0.1", xrvd.port, ae_title="XRVD")
+    assert open_assoc.is_established
+
+    config = yaml.safe_load(config_path.read_text())
+    config["scp"]["allowed_calling_aets"] = ["NEWCALLER"]
+    config["model"]["threshold"] = 0.7
+    config_path.write_text(yaml.safe_dump(config))
+    xrvd.signal(signal.SIGHUP)
+    reloaded = xrvd.wait_for("config.reloaded")[0]
+    assert reloaded["needs_restart"] is None
+    accepted = ae.associate("127.0.0.1", xrvd.port, ae_title="XRVD")
+    assert accepted.is_established
+    accepted.release()
+    assert open_assoc.send_c_echo().Status == 0  # the open association was not dropped
+    open_assoc.release()
+
+    config["model"]["threshold"] = 1.7
+    config["scp"]["allowed_calling_aets"] = ["SOMEONEELSE"]
+    config_path.write_text(yaml.safe_dump(config))
+    xrvd.signal(signal.SIGHUP)
+    failed = xrvd.wait_for("config.reload_failed")[0]
+    assert "model.threshold: must be between 0 and 1, got 1.7" in failed["problems"]
+    still = ae.associate("127.0.0.1", xrvd.port, ae_title="XRVD")
+    assert still.is_established  # the old, valid policy stays
+    still.release()
+    assert xrvd.terminate() == 0
+
+
+def test_status_and_retry(tmp_path, capsys):
+    state = tmp_path / "state"
+    store = Store(state)
+    copy_with_new_uids(NIH_SC, tmp_path / "a.dcm")
+    store.store_file(tmp_path / "a.dcm", source="test", move=False)
+    [claim] = store.claim_ready_studies(0, MODEL, "w", 10)
+    store.fail_attempt(claim, "OSError: output folder not writable", 1, 0)
+    store.close()
+    config = tmp_path / "xrvd.yaml"
+    config.write_text(f"state_dir: {state}\n")
+
+    assert main(["status", "-c", str(config)]) == 0
+    text = capsys.readouterr().out
+    assert "1 failed" in text and "output folder not writable" in text and "xrvd retry" in text
+    assert main(["status", "-c", str(config), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["studies"] == {"failed": 1}
+    assert report["failed_studies"][0]["study_instance_uid"] == claim.study_uid
+    assert report["model"] == MODEL
+
+    assert main(["retry", "-c", str(config), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"requeued_studies": 1}
+    assert main(["status", "-c", str(config), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["studies"] == {"receiving": 1} and report["queue_depth"] == 1
+
+
+def test_status_without_a_journal_says_what_to_check(tmp_path, capsys):
+    config = tmp_path / "xrvd.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'nothing'}\n")
+    assert main(["status", "-c", str(config)]) == 2
+    assert "no journal" in capsys.readouterr().err
+
+
+def test_echo_against_a_real_peer(tmp_path, capsys):
+    store = Store(tmp_path / "state")
+    scp = StorageSCP(ScpConfig(port=0, allowed_calling_aets=["XRVD-ECHO"]), store)
+    port = scp.start()
+    config = tmp_path / "xrvd.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'state'}\nscp:\n  port: {port}\n")
+    try:
+        assert main(["echo", "-c", str(config)]) == 0
+        assert "success" in capsys.readouterr().out
+        assert main(["echo", "-c", str(config), "--calling-aet", "STRANGER", "--json"]) == 1
+        result = json.loads(capsys.readouterr().out)
+        assert result["ok"] is False and "rejected" in result["error"]
+    finally:
+        scp.stop()
+        store.close()
+    assert main(["echo", "--host", "127.0.0.1", "--port", str(port), "--timeout", "5"]) == 1
+    assert "no association" in capsys.readouterr().out
+
+
+def test_systemd_unit_verifies(tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze missing: install the systemd package (.ci/run does)"
+    unit = (REPO / "systemd" / "xrvd.service").read_text()
+    xrvd = Path(sys.executable).with_name("xrvd")
+    assert xrvd.exists()
+    local = tmp_path / "xrvd.service"
+    local.write_text(unit.replace("/opt/xrvd/.venv/bin/xrvd", str(xrvd)))
+    done = subprocess.run([analyze, "verify", str(local)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "xrvd.service" not in done.stderr  # no warnings about our unit
+    for needed in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "NoNewPrivileges=yes",
+                   "ProtectSystem=strict", "StateDirectory=xrvd", "ExecReload=",
+                   "SystemCallFilter=@system-service", "RestrictAddressFamilies="):
+        assert needed in unit

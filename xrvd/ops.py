@@ -1,0 +1,91 @@
+"""Operations commands: `xrvd status`, `xrvd retry`, `xrvd echo`. Human output by default,
+`--json` for scripts."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from .config import Config
+from .store import Store, read_status
+
+
+def status(config: Config, as_json: bool) -> str:
+    report = read_status(config.state_dir)
+    report["model"] = config.model.name
+    from . import __version__
+
+    report["xrvd_version"] = __version__
+    if as_json:
+        return json.dumps(report, indent=2)
+    studies, instances = report["studies"], report["instances"]
+    lines = [
+        f"xrvd {__version__}, model {config.model.name}, state {config.state_dir}",
+        "studies:   " + (", ".join(f"{n} {s}" for s, n in sorted(studies.items())) or "none"),
+        "instances: " + (", ".join(f"{n} {s}" for s, n in sorted(instances.items())) or "none"),
+        f"queue:     {report['queue_depth']} studies waiting or processing",
+    ]
+    if report["oldest_waiting"]:
+        oldest = report["oldest_waiting"]
+        lines.append(f"oldest:    {oldest['study_instance_uid']} "
+                     f"(last image {oldest['waiting_s']:.0f} s ago)")
+    if report["skipped_by_reason"]:
+        lines.append("skipped:   " + ", ".join(
+            f"{n} {reason}" for reason, n in sorted(report["skipped_by_reason"].items())))
+    if report["last_run"]:
+        run = report["last_run"]
+        lines.append(f"last run:  {run['model']} ({run['weights_sha256'][:12]}), "
+                     f"{run['finished_ago_s']:.0f} s ago")
+    for failure in report["failed_studies"]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(failure["since"]))
+        lines.append(f"FAILED     {failure['study_instance_uid']} after "
+                     f"{failure['attempts']} attempts, {when}: {failure['reason']}")
+    if report["failed_studies"]:
+        lines.append("           `xrvd retry` puts failed studies back into the queue.")
+    return "\n".join(lines)
+
+
+def retry(config: Config, as_json: bool) -> str:
+    store = Store(config.state_dir)
+    try:
+        count = store.retry_failed()
+    finally:
+        store.close()
+    if as_json:
+        return json.dumps({"requeued_studies": count})
+    return f"{count} failed studies put back into the queue"
+
+
+def echo(host: str, port: int, called_aet: str, calling_aet: str, timeout: float,
+         as_json: bool) -> tuple[int, str]:
+    """C-ECHO, as DCMTK's echoscu does; exit 0 only on status 0x0000."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title=calling_aet)
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout
+    ae.add_requested_context(Verification)
+    started = time.perf_counter()
+    assoc = ae.associate(host, port, ae_title=called_aet)
+    result: dict = {"host": host, "port": port, "called_aet": called_aet,
+                    "calling_aet": calling_aet}
+    if assoc.is_established:
+        status = assoc.send_c_echo()
+        assoc.release()
+        code = int(status.Status) if "Status" in status else None
+        result.update(ok=code == 0, status=None if code is None else f"0x{code:04X}")
+    elif assoc.is_rejected:
+        rj = assoc.acceptor.primitive
+        result.update(ok=False, error=f"association rejected (result {rj.result}, source "
+                      f"{rj.result_source}, reason {rj.diagnostic}): is {calling_aet} in the "
+                      "peer's list of allowed callers?")
+    else:
+        result.update(ok=False, error="no association (connection refused, aborted or timed "
+                      "out): check host, port and firewall")
+    result["duration_s"] = round(time.perf_counter() - started, 3)
+    if as_json:
+        return (0 if result["ok"] else 1), json.dumps(result)
+    target = f"{called_aet}@{host}:{port}"
+    if result["ok"]:
+        return 0, f"C-ECHO {target}: success ({result['duration_s'] * 1000:.0f} ms)"
+    return 1, f"C-ECHO {target}: FAILED: {result.get('error') or result.get('status')}"
