@@ -115,3 +115,14 @@ def test_check_config_prints_effective_config(tmp_path, capsys):
     assert effective["model"]["weights_dir"] == str(tmp_path / "models")
     assert effective["model"]["batch_size"] == 8  # a default, filled in
     assert effective["convert"] == {"voi_lut": False, "modality_lut": False, "fit": "crop"}
+
+
+def test_destinations_are_validated(tmp_path):
+    found = problems(tmp_path, (
+        "destinations:\n  - name: pacs\n    ae_title: ABCDEFGHIJKLMNOPQ\n    host: h\n"
+        "    port: 70000\n  - name: pacs\n    ae_title: P\n    host: h\n    port: 104\n"))
+    assert any(p.startswith("destinations.0.ae_title: must be 1 to 16") for p in found)
+    assert "destinations.0.port: must be <= 65535, got 70000" in found
+    [message] = problems(tmp_path, "destinations:\n  - {name: a, ae_title: A, host: h, "
+                                   "port: 104}\n  - {name: a, ae_title: B, host: h, port: 105}\n")
+    assert "destination names must be unique" in message

@@ -215,12 +215,22 @@ def test_status_without_a_journal_says_what_to_check(tmp_path, capsys):
 
 
 def test_echo_against_a_real_peer(tmp_path, capsys):
+    from xrvd import log
+
+    log.configure("info", "console", stream="stderr")  # the peer's events stay off stdout
     store = Store(tmp_path / "state")
-    scp = StorageSCP(ScpConfig(port=0, allowed_calling_aets=["XRVD-ECHO"]), store)
+    scp = StorageSCP(ScpConfig(port=0, allowed_calling_aets=["XRVD-ECHO", "XRVD"]), store)
     port = scp.start()
     config = tmp_path / "xrvd.yaml"
-    config.write_text(f"state_dir: {tmp_path / 'state'}\nscp:\n  port: {port}\n")
+    config.write_text(f"state_dir: {tmp_path / 'state'}\nscp:\n  port: {port}\n"
+                      f"destinations:\n  - name: pacs\n    ae_title: XRVD\n"
+                      f"    host: 127.0.0.1\n    port: {port}\n")
     try:
+        assert main(["echo", "pacs", "-c", str(config), "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["ok"] and result["status"] == "0x0000" and result["port"] == port
+        assert main(["echo", "nowhere", "-c", str(config)]) == 2
+        assert "no destination named 'nowhere' (known: pacs)" in capsys.readouterr().err
         assert main(["echo", "-c", str(config)]) == 0
         assert "success" in capsys.readouterr().out
         assert main(["echo", "-c", str(config), "--calling-aet", "STRANGER", "--json"]) == 1

@@ -94,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="put failed studies back into the queue")
     retry.add_argument("--json", action="store_true")
     echo = sub.add_parser("echo", parents=[common],
-                          help="C-ECHO a DICOM peer (default: this xrvd's own listener)")
+                          help="C-ECHO a destination from the config, any peer, or (default) "
+                          "this xrvd's own listener")
+    echo.add_argument("destination", nargs="?", metavar="NAME",
+                      help="a destination from the config")
     echo.add_argument("--host", help="default: scp.bind from the config")
     echo.add_argument("--port", type=int, help="default: scp.port from the config")
     echo.add_argument("--called-aet", "-aec", help="default: scp.ae_title from the config")
@@ -185,9 +188,14 @@ def _ops(args: argparse.Namespace, config) -> int:
     if args.command == "retry":
         print(ops.retry(config, args.json))
         return EXIT_OK
-    code, text = ops.echo(args.host or config.scp.bind, args.port or config.scp.port,
-                          args.called_aet or config.scp.ae_title, args.calling_aet,
-                          args.timeout, args.json)
+    if args.destination:
+        peer = config.destination(args.destination)
+        code, text = ops.echo(peer.host, peer.port, peer.ae_title, peer.calling_aet,
+                              args.timeout, args.json)
+    else:
+        code, text = ops.echo(args.host or config.scp.bind, args.port or config.scp.port,
+                              args.called_aet or config.scp.ae_title, args.calling_aet,
+                              args.timeout, args.json)
     print(text)
     return code
 

@@ -106,6 +106,18 @@ class ScpConfig(Section):
     network_timeout: float = Field(default=60, gt=0)
 
 
+class Destination(Section):
+    """A DICOM peer that receives the results (the PACS). Delivery itself comes with the
+    report issue; `xrvd echo NAME` already tests the connection."""
+
+    name: str = Field(min_length=1, max_length=64)
+    ae_title: AETitle
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    calling_aet: AETitle = "XRVD"
+    sr_flavour: Literal["comprehensive3d", "enhanced"] = "comprehensive3d"
+
+
 class WatchConfig(Section):
     enabled: bool = False
     folder: Path | None = None
@@ -177,11 +189,28 @@ class Config(Section):
     convert: ConvertConfig = Field(default_factory=ConvertConfig)
     scp: ScpConfig = Field(default_factory=ScpConfig)
     watch: WatchConfig = Field(default_factory=WatchConfig)
+    destinations: list[Destination] = Field(default_factory=list)
     study: StudyConfig = Field(default_factory=StudyConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     service: ServiceConfig = Field(default_factory=ServiceConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+
+    @model_validator(mode="after")
+    def _unique_destination_names(self) -> Config:
+        names = [d.name for d in self.destinations]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"destination names must be unique; repeated: {duplicates}")
+        return self
+
+    def destination(self, name: str) -> Destination:
+        for candidate in self.destinations:
+            if candidate.name == name:
+                return candidate
+        known = ", ".join(d.name for d in self.destinations) or "none configured"
+        raise ConfigError("<config>", [f"destinations: no destination named {name!r} "
+                                       f"(known: {known})"])
 
     @model_validator(mode="after")
     def _fill_derived_paths(self) -> Config:

@@ -21,6 +21,8 @@ SKIPPED = Counter("xrvd_instances_skipped", "Instances not classified", ["reason
                   registry=REGISTRY)
 CLASSIFIED = Counter("xrvd_images_classified", "Images scored by the model", registry=REGISTRY)
 REPORTED = Counter("xrvd_results_written", "Study results written", registry=REGISTRY)
+SENT = Counter("xrvd_reports_sent", "Results delivered to destinations (with the report "
+               "issue)", ["destination"], registry=REGISTRY)
 FAILED = Counter("xrvd_studies_failed", "Study processing attempts that failed",
                  registry=REGISTRY)
 QUEUE = Gauge("xrvd_queue_studies", "Studies by state", ["state"], registry=REGISTRY)

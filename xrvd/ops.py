@@ -16,6 +16,11 @@ def status(config: Config, as_json: bool) -> str:
     from . import __version__
 
     report["xrvd_version"] = __version__
+    # Delivery (and so per-destination failures) arrives with the Structured Report output;
+    # until then each configured destination is listed with nothing sent.
+    report["destinations"] = [
+        {"name": d.name, "ae_title": d.ae_title, "host": d.host, "port": d.port,
+         "sent": 0, "failed": 0, "last_error": None} for d in config.destinations]
     if as_json:
         return json.dumps(report, indent=2)
     studies, instances = report["studies"], report["instances"]
@@ -36,6 +41,10 @@ def status(config: Config, as_json: bool) -> str:
         run = report["last_run"]
         lines.append(f"last run:  {run['model']} ({run['weights_sha256'][:12]}), "
                      f"{run['finished_ago_s']:.0f} s ago")
+    for destination in report["destinations"]:
+        lines.append(f"dest:      {destination['name']} = {destination['ae_title']}@"
+                     f"{destination['host']}:{destination['port']}: {destination['sent']} sent, "
+                     f"{destination['failed']} failed")
     for failure in report["failed_studies"]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(failure["since"]))
         lines.append(f"FAILED     {failure['study_instance_uid']} after "
