@@ -1,0 +1,117 @@
+"""The Structured Report: valid (dciodvfy), and read back into the same findings."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pydicom
+import pytest
+
+from xrvd.pipeline.models import ModelIdentity
+from xrvd.pipeline.registry import get_spec
+from xrvd.pipeline.report import (
+    FINDING_CODES,
+    PRIVATE_SCHEME,
+    build_report,
+    read_findings,
+    report_uid,
+)
+
+from .conftest import NIH_SC, RSNA_JPEG, WG04_CR
+
+DCIODVFY = shutil.which("dciodvfy")
+SOURCES = [WG04_CR, NIH_SC, RSNA_JPEG]
+
+
+def identity(model: str) -> ModelIdentity:
+    spec = get_spec(model)
+    return ModelIdentity(spec.name, spec.architecture, spec.weights_file, "ab" * 32, "1.5.7",
+                         False)
+
+
+def scores_for(sources, model, seed=0):
+    rng = np.random.default_rng(seed)
+    return {str(ds.SOPInstanceUID): {label: float(rng.uniform())
+                                     for label in get_spec(model).label_names}
+            for ds in sources}
+
+
+def dciodvfy_errors(path) -> list[str]:
+    assert DCIODVFY, "dciodvfy missing: install Debian's dicom3tools (.ci/run does)"
+    done = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (done.stdout + done.stderr).splitlines() if "Error" in line]
+
+
+@pytest.mark.parametrize("flavour", ["comprehensive3d", "enhanced"])
+@pytest.mark.parametrize("model", ["densenet121-res224-all", "densenet121-res224-rsna",
+                                   "jfhealthcare-densenet121-res512"])
+def test_report_is_valid_and_reads_back(model, flavour, tmp_path):
+    sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in SOURCES]
+    # one study: the report covers images of the same study
+    for ds in sources[1:]:
+        ds.StudyInstanceUID = sources[0].StudyInstanceUID
+    scores = scores_for(sources, model)
+    sr = build_report(sources, scores, identity(model), 0.5, flavour=flavour)
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+
+    back = pydicom.dcmread(path)
+    expected_class = ("1.2.840.10008.5.1.4.1.1.88.34" if flavour == "comprehensive3d"
+                      else "1.2.840.10008.5.1.4.1.1.88.22")
+    assert back.SOPClassUID == expected_class
+    assert back.StudyInstanceUID == sources[0].StudyInstanceUID
+    assert back.PatientID == sources[0].PatientID
+    assert back.SeriesInstanceUID not in {ds.SeriesInstanceUID for ds in sources}
+    assert back.SpecificCharacterSet == "ISO_IR 192"
+    assert back.CompletionFlag == "COMPLETE" and back.VerificationFlag == "UNVERIFIED"
+    assert "AI RESULT" in back.SeriesDescription
+    evidence = {item.ReferencedSOPInstanceUID
+                for study in back.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence
+                for item in series.ReferencedSOPSequence}
+    assert evidence == {str(ds.SOPInstanceUID) for ds in sources}
+
+    findings = read_findings(back)
+    assert set(findings) == set(scores)
+    for uid, labels in scores.items():
+        expected = {FINDING_CODES[label][2]: (score, score >= 0.5)
+                    for label, score in labels.items()}
+        assert set(findings[uid]) == set(expected)
+        for meaning, (score, present) in expected.items():
+            assert findings[uid][meaning][0] == pytest.approx(score, abs=1e-6)
+            assert findings[uid][meaning][1] == present
+    private = any(FINDING_CODES[label][1] == PRIVATE_SCHEME
+                  for labels in scores.values() for label in labels)
+    declared = [item.CodingSchemeDesignator
+                for item in back.get("CodingSchemeIdentificationSequence", [])]
+    assert (PRIVATE_SCHEME in declared) == private
+
+
+def test_same_run_gives_the_same_instance_and_a_rerun_names_its_predecessor(tmp_path):
+    sources = [pydicom.dcmread(NIH_SC, stop_before_pixels=True)]
+    model = "densenet121-res224-nih"
+    first = build_report(sources, scores_for(sources, model), identity(model), 0.5)
+    again = build_report(sources, scores_for(sources, model), identity(model), 0.5)
+    assert first.SOPInstanceUID == again.SOPInstanceUID == report_uid(
+        str(sources[0].StudyInstanceUID), model, "ab" * 32, 0)
+    rerun = build_report(sources, scores_for(sources, model, seed=1), identity(model), 0.5,
+                         generation=1, predecessor=first)
+    assert rerun.SOPInstanceUID != first.SOPInstanceUID
+    [study] = rerun.PredecessorDocumentsSequence
+    [series] = study.ReferencedSeriesSequence
+    assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first.SOPInstanceUID
+    # This source has an invalid Patient's Age ("81"): the report drops it and stays valid.
+    rerun.save_as(tmp_path / "rerun.dcm", enforce_file_format=True)
+    assert dciodvfy_errors(tmp_path / "rerun.dcm") == []
+    assert "PatientAge" not in rerun
+
+
+def test_every_label_of_every_model_has_a_code():
+    from xrvd.pipeline.registry import MODELS
+
+    for spec in MODELS.values():
+        for label in spec.label_names:
+            assert label in FINDING_CODES

@@ -1,0 +1,201 @@
+"""Pure: (source datasets, scores, model identity) -> a DICOM Structured Report (highdicom).
+
+TID 1500 Measurement Report in a Comprehensive 3D SR (or an Enhanced SR with the same
+content): one TID 1501 group per classified image and reported finding, holding the finding
+code, a NUM "Certainty of Finding" in %, a Present/Absent evaluation at the threshold, the
+source image, and TID 4019 algorithm identification. The observer is a device (TID 1004).
+Same patient and study as the source, a new series. The SOP Instance UID is derived from the
+run, so producing the same report twice gives the same instance (a PACS stores it once).
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+import uuid
+from collections.abc import Sequence
+
+import highdicom as hd
+from highdicom.sr import CodedConcept
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from .. import __version__
+from .models import ModelIdentity
+
+MANUFACTURER = "xrvd"
+PRIVATE_SCHEME = "99XRVD"
+CERTAINTY = CodedConcept("111012", "DCM", "Certainty of Finding")
+FINDING = CodedConcept("121071", "DCM", "Finding")
+PRESENT = CodedConcept("52101004", "SCT", "Present")
+ABSENT = CodedConcept("272519000", "SCT", "Absent")
+PERCENT = CodedConcept("%", "UCUM", "percent")
+PROCEDURE = CodedConcept("43468-8", "LN", "XR unspecified body region")
+
+# Label (as TorchXRayVision names it) -> code. Labels without a verified code use the
+# private scheme, declared in the Coding Scheme Identification Sequence.
+FINDING_CODES: dict[str, tuple[str, str, str]] = {
+    "Atelectasis": ("46621007", "SCT", "Atelectasis"),
+    "Consolidation": ("95436008", "SCT", "Lung consolidation"),
+    "Infiltration": ("112121", "DCM", "Infiltrate"),
+    "Pneumothorax": ("36118008", "SCT", "Pneumothorax"),
+    "Edema": ("19242006", "SCT", "Pulmonary edema"),
+    "Emphysema": ("87433001", "SCT", "Pulmonary emphysema"),
+    "Fibrosis": ("51615001", "SCT", "Pulmonary fibrosis"),
+    "Effusion": ("60046008", "SCT", "Pleural effusion"),
+    "Pneumonia": ("233604007", "SCT", "Pneumonia"),
+    "Cardiomegaly": ("8186001", "SCT", "Cardiomegaly"),
+    "Nodule": ("786838002", "SCT", "Nodule of lung"),
+    "Mass": ("4147007", "SCT", "Mass"),
+    "Hernia": ("84089009", "SCT", "Hiatal hernia"),
+    "Fracture": ("125605004", "SCT", "Fracture of bone"),
+    "Lung Opacity": ("112001", "DCM", "Opacity"),
+    "Pleural_Thickening": ("XRVD001", PRIVATE_SCHEME, "Pleural thickening"),
+    "Lung Lesion": ("XRVD002", PRIVATE_SCHEME, "Lung lesion"),
+    "Enlarged Cardiomediastinum": ("XRVD003", PRIVATE_SCHEME, "Enlarged cardiomediastinum"),
+}
+DEFAULT_SERIES_DESCRIPTION = "AI RESULT (xrvd) - not a radiologist read"
+
+
+def finding_code(label: str) -> CodedConcept:
+    value, scheme, meaning = FINDING_CODES[label]
+    return CodedConcept(value, scheme, meaning)
+
+
+_UID_NAMESPACE = uuid.UUID("7d0c2f8e-5b1a-4c4e-9a57-2f0f5c3e9b11")
+
+
+def stable_uid(*parts: str) -> str:
+    """A 2.25 UID derived from its parts (UUID v5): the same inputs give the same UID."""
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, chr(31).join(parts)).int}"
+
+
+def report_uid(study_uid: str, model: str, weights_sha256: str, generation: int) -> str:
+    """Deterministic UID for one run's report, so a re-sent report is the same instance."""
+    return stable_uid("report", study_uid, model, weights_sha256, str(generation))
+
+
+def build_report(sources: Sequence[Dataset], scores: dict[str, dict[str, float]],
+                 identity: ModelIdentity, threshold: float, *, generation: int = 0,
+                 flavour: str = "comprehensive3d", series_number: int = 9901,
+                 series_description: str = DEFAULT_SERIES_DESCRIPTION,
+                 predecessor: Dataset | None = None) -> Dataset:
+    """sources: the classified images (headers suffice); scores: SOP Instance UID -> label ->
+    score in [0, 1], only for labels the model really predicts."""
+    if not sources:
+        raise ValueError("a report needs at least one classified image")
+    sources = [_with_type2_attributes(source) for source in sources]
+    study_uid = str(sources[0].StudyInstanceUID)
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=identity.name,
+        version=identity.weights_sha256[:16],
+        parameters=[f"weights={identity.weights_file}", f"xrvd={__version__}",
+                    f"torchxrayvision={identity.torchxrayvision_version}",
+                    f"threshold={threshold:g}"],
+    )
+    groups = []
+    for source in sources:
+        image_scores = scores[str(source.SOPInstanceUID)]
+        for label, score in sorted(image_scores.items(), key=lambda kv: -kv[1]):
+            code = finding_code(label)
+            reference = hd.sr.SourceImageForMeasurement.from_source_image(source)
+            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=stable_uid("group", str(source.SOPInstanceUID), label, identity.name,
+                                   identity.weights_sha256, str(generation)),
+                    identifier=f"{label} in {source.SOPInstanceUID}"[:64]),
+                finding_type=code,
+                algorithm_id=algorithm,
+                measurements=[hd.sr.Measurement(
+                    name=CERTAINTY, value=round(100.0 * float(score), 4), unit=PERCENT,
+                    algorithm_id=algorithm, referenced_images=[reference])],
+                qualitative_evaluations=[hd.sr.QualitativeEvaluation(
+                    name=code, value=PRESENT if score >= threshold else ABSENT)],
+                source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+            ))
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=stable_uid("device", identity.name),
+        name="xrvd", manufacturer_name=MANUFACTURER, model_name=identity.name,
+    )
+    context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device, observer_identifying_attributes=device))
+    report = hd.sr.MeasurementReport(observation_context=context,
+                                     procedure_reported=PROCEDURE, imaging_measurements=groups)
+    equipment = hd.ContributingEquipment(
+        manufacturer=MANUFACTURER, purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=identity.name, software_versions=__version__,
+        contribution_datetime=datetime.datetime.now(datetime.timezone.utc),
+        contribution_description="AI classification of chest radiographs")
+    cls = hd.sr.Comprehensive3DSR if flavour == "comprehensive3d" else hd.sr.EnhancedSR
+    sr = cls(
+        evidence=list(sources), content=report,
+        series_instance_uid=stable_uid("series", study_uid, identity.name,
+                                       identity.weights_sha256, str(generation)),
+        series_number=series_number,
+        sop_instance_uid=report_uid(study_uid, identity.name, identity.weights_sha256,
+                                    generation),
+        instance_number=generation + 1, manufacturer=MANUFACTURER,
+        is_complete=True, is_final=False, is_verified=False,
+        contributing_equipment=[equipment],
+        series_description=series_description,
+    )
+    if "PatientAge" in sr and not re.fullmatch(r"\d{3}[DWMY]", str(sr.PatientAge)):
+        del sr.PatientAge  # lenient on input, strict on output: an invalid age is dropped
+    if predecessor is not None:
+        sr.PredecessorDocumentsSequence = [_hierarchical_reference(predecessor)]
+    sr.SpecificCharacterSet = "ISO_IR 192"
+    sr.ManufacturerModelName = identity.name
+    sr.SoftwareVersions = __version__
+    if any(c[1] == PRIVATE_SCHEME for label in set().union(*map(set, scores.values()))
+           for c in [FINDING_CODES[label]]):
+        scheme = Dataset()
+        scheme.CodingSchemeDesignator = PRIVATE_SCHEME
+        scheme.CodingSchemeName = "xrvd private finding codes"
+        scheme.CodingSchemeResponsibleOrganization = "xrvd project"
+        sr.CodingSchemeIdentificationSequence = [scheme]
+    return sr
+
+
+# Type 2 attributes the SR copies from its evidence: real files often lack them entirely;
+# present but empty is what DICOM asks for then (the source files are never changed).
+_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+          "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def _with_type2_attributes(source: Dataset) -> Dataset:
+    missing = [keyword for keyword in _TYPE2 if keyword not in source]
+    if not missing:
+        return source
+    copy = source.copy()
+    for keyword in missing:
+        setattr(copy, keyword, "")
+    return copy
+
+
+def _hierarchical_reference(document: Dataset) -> Dataset:
+    """Study -> series -> SOP reference (as in the Predecessor Documents Sequence). Built here
+    because highdicom's previous_versions insists on patient attributes real files lack."""
+    sop = Dataset()
+    sop.ReferencedSOPClassUID = document.SOPClassUID
+    sop.ReferencedSOPInstanceUID = document.SOPInstanceUID
+    series = Dataset()
+    series.SeriesInstanceUID = document.SeriesInstanceUID
+    series.ReferencedSOPSequence = [sop]
+    study = Dataset()
+    study.StudyInstanceUID = document.StudyInstanceUID
+    study.ReferencedSeriesSequence = [series]
+    return study
+
+
+def read_findings(sr: Dataset) -> dict[str, dict[str, tuple[float, bool]]]:
+    """Back from an SR: SOP Instance UID -> finding meaning -> (score 0-1, present)."""
+    report = hd.sr.MeasurementReport.from_sequence([sr])
+    out: dict[str, dict[str, tuple[float, bool]]] = {}
+    for group in report.get_image_measurement_groups():
+        [measurement] = group.get_measurements(name=CERTAINTY)
+        [evaluation] = group.get_qualitative_evaluations()
+        [image] = measurement.referenced_images
+        uid = image.referenced_sop_instance_uid
+        out.setdefault(uid, {})[group.finding_type.meaning] = (
+            measurement.value / 100.0, evaluation.value == PRESENT)
+    return out
