@@ -144,6 +144,7 @@ def write_config(tmp_path: Path, weights_dir: Path, **sections) -> Path:
                   "batch_size": 4},
         "scp": {"port": 0, "allowed_calling_aets": ["STORESCU", "XRVDTEST"]},
         "study": {"settle_seconds": 0.5, "retry_seconds": 0.5},
+        "output": {"json_sidecar": True},
         "log": {"level": "debug"},
     }
     for key, value in sections.items():

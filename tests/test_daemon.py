@@ -17,6 +17,8 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from xrvd.pipeline.report import FINDING_CODES, read_findings
+
 from .conftest import CXR, NIH_SC, REJECT, RSNA_JPEG, TINY_CR, WG04_CR
 from .harness import DaemonProcess, copy_with_new_uids, write_config
 
@@ -31,6 +33,12 @@ def dcmtk_tool(name: str) -> str | None:
 
 
 STORESCU = dcmtk_tool("storescu")
+DCIODVFY = dcmtk_tool("dciodvfy")
+
+
+def dciodvfy_errors(path) -> list[str]:
+    done = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (done.stdout + done.stderr).splitlines() if "Error" in line]
 if os.environ.get("CI") == "true" and STORESCU is None:
     raise RuntimeError("CI must install DCMTK (storescu): see .ci/run")
 
@@ -108,7 +116,12 @@ def daemon(tmp_path, weights_copy):
 
 
 def results(state_dir):
-    return sorted((state_dir / "results").rglob("*.json"))
+    """The Structured Reports written, one per study and run."""
+    return sorted((state_dir / "results").rglob("*.dcm"))
+
+
+def sidecar(report: Path) -> dict:
+    return json.loads(report.with_suffix(".json").read_text())
 
 
 def test_storescu_sends_every_fixture(daemon):
@@ -141,9 +154,22 @@ def test_storescu_sends_every_fixture(daemon):
     # One result per study that had a classifiable image, each naming its images once.
     written = results(xrvd.state_dir)
     assert len(written) == 3
-    images = [img["sop_instance_uid"] for path in written
-              for img in json.loads(path.read_text())["images"]]
+    images = [img["sop_instance_uid"] for path in written for img in sidecar(path)["images"]]
     assert sorted(images) == sorted(expected)
+    # Each report reads back (highdicom) into the scores the journal holds, and is valid.
+    journal = xrvd.journal("SELECT i.sop_uid, s.label, s.score FROM scores s "
+                           "JOIN instances i ON i.id = s.instance_id")
+    for path in written:
+        report = pydicom.dcmread(path)
+        assert report.Manufacturer == "xrvd"
+        for uid, findings in read_findings(report).items():
+            stored = {FINDING_CODES[label][2]: score for u, label, score in journal
+                      if u == uid}
+            assert {k: round(v[0], 6) for k, v in findings.items()} == \
+                {k: round(v, 6) for k, v in stored.items()}
+    if DCIODVFY:
+        for path in written:
+            assert dciodvfy_errors(path) == []
     # No patient name or ID reaches the events (log.include_patient_identifiers is off).
     logged = json.dumps(xrvd.events, ensure_ascii=False) + xrvd.stderr
     for f in files:
@@ -217,8 +243,13 @@ def test_late_instance_reruns_the_study(daemon, tmp_path):
     xrvd.wait_for("study.classified", count=2, study_instance_uid=study)
     runs = xrvd.journal("SELECT generation, state FROM runs ORDER BY generation")
     assert runs == [(0, "done"), (1, "done")]
-    latest = json.loads(sorted(results(xrvd.state_dir))[-1].read_text())
+    first_report, latest_report = results(xrvd.state_dir)
+    latest = sidecar(latest_report)
     assert latest["generation"] == 1 and len(latest["images"]) == 2
+    rerun = pydicom.dcmread(latest_report)
+    [predecessor] = rerun.PredecessorDocumentsSequence
+    assert predecessor.ReferencedSeriesSequence[0].ReferencedSOPSequence[0] \
+        .ReferencedSOPInstanceUID == pydicom.dcmread(first_report).SOPInstanceUID
 
 
 def test_drop_folder(daemon, tmp_path):
@@ -335,7 +366,7 @@ def test_sigkill_while_receiving_loses_no_acknowledged_instance(daemon, tmp_path
     _assert_once_per_study(xrvd)
 
 
-@pytest.mark.parametrize("kill_on", ["study.settled", "result.written"])
+@pytest.mark.parametrize("kill_on", ["study.settled", "report.written"])
 def test_sigkill_while_classifying_never_duplicates_results(daemon, tmp_path, kill_on):
     datasets = [copy_with_new_uids(NIH_SC, tmp_path / f"{i}.dcm") for i in range(6)]
     xrvd = daemon()
@@ -360,8 +391,7 @@ def _assert_once_per_study(xrvd):
     assert sorted(files) == sorted(Path(path) for *_, path in runs)
     for (study_uid,) in xrvd.journal("SELECT study_uid FROM studies"):
         latest = max((gen, path) for uid, gen, path in runs if uid == study_uid)[1]
-        images = [img["sop_instance_uid"]
-                  for img in json.loads(Path(latest).read_text())["images"]]
+        images = list(read_findings(pydicom.dcmread(latest)))
         expected = xrvd.journal(
             "SELECT i.sop_uid FROM instances i JOIN studies s ON s.id = i.study_id "
             "WHERE s.study_uid = ? AND i.state != 'superseded'", (study_uid,))

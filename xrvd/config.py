@@ -155,8 +155,15 @@ class SelectConfig(Section):
 
 
 class OutputConfig(Section):
-    # Results by study; default <state_dir>/results.
+    # Structured Reports by study; default <state_dir>/results.
     folder: Path | None = None
+    sr_flavour: Literal["comprehensive3d", "enhanced"] = "comprehensive3d"
+    series_number: int = Field(default=9901, ge=1, le=2**31 - 1)
+    # Says clearly that this is an AI result, not a read.
+    series_description: str = Field(default="AI RESULT (xrvd) - not a radiologist read",
+                                    min_length=1, max_length=64)
+    # A JSON file with the scores next to each report, for research pipelines.
+    json_sidecar: bool = False
 
 
 class MetricsConfig(Section):

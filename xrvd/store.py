@@ -441,6 +441,16 @@ class Store:
             self._transition(db, "study", claim.study_id, state)
         return state
 
+    def previous_result(self, claim: StudyClaim) -> str | None:
+        """The result of the latest finished earlier run of this study by the same model."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT r.result_path FROM runs r JOIN runs c ON c.id = ? "
+                "WHERE r.study_id = c.study_id AND r.model = c.model AND r.state = 'done' "
+                "AND r.generation < c.generation AND r.result_path IS NOT NULL "
+                "ORDER BY r.generation DESC LIMIT 1", (claim.run_id,)).fetchone()
+        return row[0] if row else None
+
     def fail_attempt(self, claim: StudyClaim, reason: str, max_attempts: int,
                      retry_after: float) -> str:
         """A study's processing failed: retry later, or mark it failed for good."""

@@ -8,6 +8,7 @@ same file: never two results for one study and model.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import threading
@@ -26,6 +27,7 @@ from .log import get_logger
 from .pipeline.convert import ConvertOptions, prepare_dataset
 from .pipeline.models import Classifier
 from .pipeline.read import read_dicom
+from .pipeline.report import build_report
 from .pipeline.select import SelectRules, select
 from .store import InstanceRow, Store, StudyClaim
 
@@ -202,12 +204,48 @@ class Worker:
 
     def _write_result(self, claim: StudyClaim, scores: dict[int, dict[str, float]],
                       sources: list[tuple[InstanceRow, pydicom.Dataset]]) -> Path:
-        """Interim JSON result per study, written atomically under a name fixed by the run."""
+        """The study's Structured Report (and optional JSON sidecar), written atomically
+        under names fixed by the run: a crash and a re-run replace, never add."""
+        identity = self.classifier.identity
+        output = self.config.output
+        threshold = self.config.model.threshold
+        by_uid = {row.sop_uid: scores[row.id] for row, _ in sources}
+        sr = build_report(
+            [ds for _, ds in sources], by_uid, identity, threshold,
+            generation=claim.generation, flavour=output.sr_flavour,
+            series_number=output.series_number, series_description=output.series_description,
+            predecessor=self._predecessor(claim))
+        folder = Path(output.folder) / safe_name(claim.study_uid)
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = f"{identity.name}-{identity.weights_sha256[:12]}-g{claim.generation}"
+        target = folder / f"{stem}.dcm"
+        buffer = io.BytesIO()
+        sr.save_as(buffer, enforce_file_format=True)
+        write_atomically(target, buffer.getvalue())
+        if output.json_sidecar:
+            write_atomically(folder / f"{stem}.json",
+                             json.dumps(self._sidecar(claim, sr, scores, sources),
+                                        indent=2).encode())
+        self.log.info("report.written", study_instance_uid=claim.study_uid, path=str(target),
+                      sop_instance_uid=str(sr.SOPInstanceUID))
+        return target
+
+    def _predecessor(self, claim: StudyClaim) -> pydicom.Dataset | None:
+        """The report of this study's previous run by the same model, if there was one."""
+        path = self.store.previous_result(claim)
+        if path is None or not Path(path).is_file():
+            return None
+        return pydicom.dcmread(path, stop_before_pixels=True)
+
+    def _sidecar(self, claim: StudyClaim, sr: pydicom.Dataset,
+                 scores: dict[int, dict[str, float]],
+                 sources: list[tuple[InstanceRow, pydicom.Dataset]]) -> dict:
         identity = self.classifier.identity
         threshold = self.config.model.threshold
-        document = {
+        return {
             "study_instance_uid": claim.study_uid,
             "generation": claim.generation,
+            "report_sop_instance_uid": str(sr.SOPInstanceUID),
             "model": identity.name,
             "weights_sha256": identity.weights_sha256,
             "untrained": identity.untrained,
@@ -226,10 +264,3 @@ class Worker:
                 for row, ds in sources
             ],
         }
-        folder = Path(self.config.output.folder) / safe_name(claim.study_uid)
-        folder.mkdir(parents=True, exist_ok=True)
-        target = folder / (f"{identity.name}-{identity.weights_sha256[:12]}"
-                           f"-g{claim.generation}.json")
-        write_atomically(target, json.dumps(document, indent=2).encode())
-        self.log.info("result.written", study_instance_uid=claim.study_uid, path=str(target))
-        return target
