@@ -148,7 +148,10 @@ def write_config(tmp_path: Path, weights_dir: Path, **sections) -> Path:
         "log": {"level": "debug"},
     }
     for key, value in sections.items():
-        config.setdefault(key, {}).update(value)
+        if isinstance(value, dict):
+            config.setdefault(key, {}).update(value)
+        else:
+            config[key] = value
     path = tmp_path / "xrvd.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 
@@ -115,3 +116,11 @@ def test_every_label_of_every_model_has_a_code():
     for spec in MODELS.values():
         for label in spec.label_names:
             assert label in FINDING_CODES
+
+
+def test_untrained_weights_are_named_in_the_report():
+    sources = [pydicom.dcmread(NIH_SC, stop_before_pixels=True)]
+    model = "densenet121-res224-rsna"
+    untrained = dataclasses.replace(identity(model), untrained=True)
+    sr = build_report(sources, scores_for(sources, model), untrained, 0.5)
+    assert sr.SeriesDescription.startswith("UNTRAINED TEST")

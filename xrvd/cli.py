@@ -189,9 +189,11 @@ def _ops(args: argparse.Namespace, config) -> int:
         print(ops.retry(config, args.json))
         return EXIT_OK
     if args.destination:
+        from .deliver import tls_arguments
+
         peer = config.destination(args.destination)
         code, text = ops.echo(peer.host, peer.port, peer.ae_title, peer.calling_aet,
-                              args.timeout, args.json)
+                              args.timeout, args.json, tls_arguments(peer))
     else:
         code, text = ops.echo(args.host or config.scp.bind, args.port or config.scp.port,
                               args.called_aet or config.scp.ae_title, args.calling_aet,

@@ -106,6 +106,17 @@ class ScpConfig(Section):
     network_timeout: float = Field(default=60, gt=0)
 
 
+class TlsConfig(Section):
+    """DICOM over TLS to a destination: the peer's certificate is checked against ca_file
+    (and its host name, unless check_hostname is false); cert/key identify xrvd when the
+    peer asks for a client certificate."""
+
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    check_hostname: bool = True
+
+
 class Destination(Section):
     """A DICOM peer that receives the results (the PACS). Delivery itself comes with the
     report issue; `xrvd echo NAME` already tests the connection."""
@@ -116,6 +127,9 @@ class Destination(Section):
     port: int = Field(ge=1, le=65535)
     calling_aet: AETitle = "XRVD"
     sr_flavour: Literal["comprehensive3d", "enhanced"] = "comprehensive3d"
+    tls: TlsConfig | None = None
+
+
 
 
 class WatchConfig(Section):
@@ -135,6 +149,16 @@ class WatchConfig(Section):
         if self.folder is not None and self.rejected_folder is None:
             self.rejected_folder = self.folder.parent / "rejected"
         return self
+
+
+class DeliveryConfig(Section):
+    # A failed send is retried after retry_seconds, doubling up to max_retry_seconds, until
+    # max_attempts or max_age_hours; then it is marked failed and shown by `xrvd status`.
+    max_attempts: int = Field(default=10, ge=1)
+    retry_seconds: float = Field(default=10.0, ge=0)
+    max_retry_seconds: float = Field(default=900.0, ge=0)
+    max_age_hours: float = Field(default=72.0, gt=0)
+    timeout_seconds: float = Field(default=30.0, gt=0)
 
 
 class StudyConfig(Section):
@@ -197,6 +221,7 @@ class Config(Section):
     scp: ScpConfig = Field(default_factory=ScpConfig)
     watch: WatchConfig = Field(default_factory=WatchConfig)
     destinations: list[Destination] = Field(default_factory=list)
+    delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     study: StudyConfig = Field(default_factory=StudyConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
@@ -275,6 +300,13 @@ _PATH_KEYS = {("state_dir",), ("model", "weights_dir"), ("watch", "folder"),
 
 
 def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
+    for destination in raw.get("destinations") or []:
+        tls = destination.get("tls") if isinstance(destination, dict) else None
+        if isinstance(tls, dict):
+            for key in ("ca_file", "cert_file", "key_file"):
+                if isinstance(tls.get(key), str):
+                    value = Path(tls[key]).expanduser()
+                    tls[key] = str(value if value.is_absolute() else base / value)
     for keys in _PATH_KEYS:
         parent: Any = raw
         for key in keys[:-1]:

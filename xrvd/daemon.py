@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import __version__, log, metrics
 from .config import Config, load_config
+from .deliver import Deliverer
 from .errors import ConfigError, XrvdError
 from .ingest.scp import StorageSCP
 from .ingest.watch import DropFolderWatcher
@@ -52,6 +53,7 @@ class Daemon:
         self.scp: StorageSCP | None = None
         self.watcher: DropFolderWatcher | None = None
         self.metrics_server: metrics.MetricsServer | None = None
+        self.deliverer: Deliverer | None = None
         self.model_name = config.model.name
 
     # --- start and stop -----------------------------------------------------------------
@@ -73,7 +75,9 @@ class Daemon:
                              "meaningless; never run like this in production")
         self.log.info("model.loaded", model=identity.name, weights_sha256=identity.weights_sha256,
                       duration_s=round(time.perf_counter() - started, 3))
-        self.worker = Worker(config, self.store, classifier)
+        self.deliverer = Deliverer(config, self.store)
+        self.deliverer.start()
+        self.worker = Worker(config, self.store, classifier, on_report=self.deliverer.wake)
         self.worker.start()
         if config.scp.enabled:
             self.scp = StorageSCP(config.scp, self.store)
@@ -102,6 +106,8 @@ class Daemon:
         if self.worker is not None and not self.worker.stop(drain):
             self.log.warning("worker.abandoned", detail="work in progress resumes at the next "
                              "start")
+        if self.deliverer is not None:
+            self.deliverer.stop(drain)
         if self.metrics_server is not None:
             self.metrics_server.stop()
         if self.store is not None:
@@ -122,6 +128,8 @@ class Daemon:
             found.append("DICOM listener is not running")
         if self.config.watch.enabled and (self.watcher is None or not self.watcher.alive()):
             found.append("drop folder watcher is not running")
+        if self.deliverer is not None and not self.deliverer.alive():
+            found.append("a delivery thread is not running")
         return found
 
     def status_line(self) -> str:
@@ -188,6 +196,8 @@ class Daemon:
         if self.worker is not None:
             self.worker.apply(new)
         self.config = new
+        if self.deliverer is not None:
+            self.deliverer.apply(new)
         self.log.info("config.reloaded", path=str(self.config_path),
                       needs_restart=needs_restart or None)
         self.notifier.notify(READY=1, STATUS=self.status_line())

@@ -16,11 +16,11 @@ def status(config: Config, as_json: bool) -> str:
     from . import __version__
 
     report["xrvd_version"] = __version__
-    # Delivery (and so per-destination failures) arrives with the Structured Report output;
-    # until then each configured destination is listed with nothing sent.
+    sent = report.pop("deliveries")
     report["destinations"] = [
         {"name": d.name, "ae_title": d.ae_title, "host": d.host, "port": d.port,
-         "sent": 0, "failed": 0, "last_error": None} for d in config.destinations]
+         **sent.get(d.name, {"sent": 0, "pending": 0, "failed": 0, "last_error": None})}
+        for d in config.destinations]
     if as_json:
         return json.dumps(report, indent=2)
     studies, instances = report["studies"], report["instances"]
@@ -44,7 +44,9 @@ def status(config: Config, as_json: bool) -> str:
     for destination in report["destinations"]:
         lines.append(f"dest:      {destination['name']} = {destination['ae_title']}@"
                      f"{destination['host']}:{destination['port']}: {destination['sent']} sent, "
-                     f"{destination['failed']} failed")
+                     f"{destination['pending']} pending, {destination['failed']} failed"
+                     + (f"; last error: {destination['last_error']}"
+                        if destination["last_error"] else ""))
     for failure in report["failed_studies"]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(failure["since"]))
         lines.append(f"FAILED     {failure['study_instance_uid']} after "
@@ -66,7 +68,7 @@ def retry(config: Config, as_json: bool) -> str:
 
 
 def echo(host: str, port: int, called_aet: str, calling_aet: str, timeout: float,
-         as_json: bool) -> tuple[int, str]:
+         as_json: bool, tls_args=None) -> tuple[int, str]:
     """C-ECHO, as DCMTK's echoscu does; exit 0 only on status 0x0000."""
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
@@ -75,7 +77,7 @@ def echo(host: str, port: int, called_aet: str, calling_aet: str, timeout: float
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout
     ae.add_requested_context(Verification)
     started = time.perf_counter()
-    assoc = ae.associate(host, port, ae_title=called_aet)
+    assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls_args)
     result: dict = {"host": host, "port": port, "called_aet": called_aet,
                     "calling_aet": calling_aet}
     if assoc.is_established:

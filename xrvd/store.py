@@ -30,6 +30,7 @@ from pydicom.errors import InvalidDicomError
 
 from .errors import XrvdError
 from .fsutil import fsync_path
+from .pipeline.select import never_classified
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -80,6 +81,18 @@ CREATE TABLE IF NOT EXISTS scores (
     score REAL NOT NULL,
     PRIMARY KEY (run_id, instance_id, label)
 );
+CREATE TABLE IF NOT EXISTS deliveries (
+    id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    destination TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    UNIQUE (run_id, destination)
+);
 CREATE TABLE IF NOT EXISTS transitions (
     id INTEGER PRIMARY KEY,
     at REAL NOT NULL,
@@ -109,6 +122,7 @@ class StoreOutcome:
     instance_id: int | None
     study_uid: str
     sop_uid: str
+    skipped: str | None = None  # reason, when journaled as skipped at once
 
 
 @dataclass(frozen=True)
@@ -286,6 +300,7 @@ class Store:
         with self._transaction() as db:
             study = db.execute("SELECT id, state FROM studies WHERE study_uid = ?",
                                (study_uid,)).fetchone()
+            skip_reason = None
             if study is None:
                 study_id = db.execute(
                     "INSERT INTO studies(study_uid, state, last_instance_at, updated_at) "
@@ -293,14 +308,16 @@ class Store:
                 self._transition(db, "study", study_id, "receiving")
             else:
                 study_id, state = study
-                if state in ("classified", "failed", "processing"):
+                skip_reason = never_classified(ds) if state != "receiving" else None
+                if skip_reason is None and state in ("classified", "failed", "processing"):
                     # Late images: the study is run again (a processing run finishes first).
                     db.execute("UPDATE studies SET generation = generation + 1, attempts = 0, "
                                "state = CASE state WHEN 'processing' THEN 'processing' "
                                "ELSE 'receiving' END WHERE id = ?", (study_id,))
                     self._transition(db, "study", study_id, "receiving", "new_instance")
-                db.execute("UPDATE studies SET last_instance_at = ?, updated_at = ? "
-                           "WHERE id = ?", (now, now, study_id))
+                if skip_reason is None:
+                    db.execute("UPDATE studies SET last_instance_at = ?, updated_at = ? "
+                               "WHERE id = ?", (now, now, study_id))
             previous = self._latest_digest(db, sop_uid)
             if previous is not None and digest is None:
                 digest = _content_digest(target)  # raced with another copy: compare now
@@ -315,13 +332,17 @@ class Store:
             instance_id = db.execute(
                 "INSERT INTO instances(study_id, sop_uid, version, series_uid, sop_class_uid, "
                 "content_sha256, path, size, source, state, received_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'stored', ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (study_id, sop_uid, version, str(ds.get("SeriesInstanceUID", "")),
                  str(ds.get("SOPClassUID", "")), digest,
-                 str(target.relative_to(self.spool)), size, source, now, now)).lastrowid
+                 str(target.relative_to(self.spool)), size, source,
+                 "skipped" if skip_reason else "stored", now, now)).lastrowid
+            db.execute("UPDATE instances SET reason = ? WHERE id = ?", (skip_reason, instance_id))
             self._transition(db, "instance", instance_id, "stored", source)
+            if skip_reason:
+                self._transition(db, "instance", instance_id, "skipped", skip_reason)
         return StoreOutcome("stored" if version == 1 else "new_version", instance_id,
-                            study_uid, sop_uid)
+                            study_uid, sop_uid, skip_reason)
 
     # --- associations still sending ----------------------------------------------------
 
@@ -418,7 +439,7 @@ class Store:
             self._transition(db, "instance", instance_id, state, reason)
 
     def finish_run(self, claim: StudyClaim, scores: dict[int, dict[str, float]],
-                   result_path: Path | None) -> str:
+                   result_path: Path | None, destinations: Iterable[str] = ()) -> str:
         """Record scores and close the run in one transaction; returns the study's new state
         (receiving again if images arrived while it was processed)."""
         now = time.time()
@@ -433,6 +454,11 @@ class Store:
             db.execute("UPDATE runs SET state = 'done', finished_at = ?, result_path = ? "
                        "WHERE id = ?", (now, str(result_path) if result_path else None,
                                         claim.run_id))
+            if result_path is not None:
+                db.executemany(
+                    "INSERT OR IGNORE INTO deliveries(run_id, destination, state, "
+                    "next_attempt_at, created_at, updated_at) VALUES (?, ?, 'pending', ?, ?, ?)",
+                    [(claim.run_id, name, now, now, now) for name in destinations])
             generation = db.execute("SELECT generation FROM studies WHERE id = ?",
                                     (claim.study_id,)).fetchone()[0]
             state = "classified" if generation == claim.generation else "receiving"
@@ -487,6 +513,34 @@ class Store:
                     path.unlink(missing_ok=True)
         return {"studies_resumed": resumed, "orphans_journaled": orphans}
 
+    # --- delivery ----------------------------------------------------------------------
+
+    def due_deliveries(self, destination: str, limit: int = 10) -> list[tuple[int, str, int, float]]:
+        """(delivery id, report path, attempts, created_at) due now for one destination."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT d.id, r.result_path, d.attempts, d.created_at FROM deliveries d "
+                "JOIN runs r ON r.id = d.run_id WHERE d.destination = ? AND "
+                "d.state = 'pending' AND d.next_attempt_at <= ? ORDER BY d.next_attempt_at "
+                "LIMIT ?", (destination, time.time(), limit)).fetchall()
+
+    def next_delivery_in(self, destination: str) -> float | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT MIN(next_attempt_at) FROM deliveries WHERE destination = ? AND "
+                "state = 'pending'", (destination,)).fetchone()
+        return None if row[0] is None else max(0.0, row[0] - time.time())
+
+    def delivery_done(self, delivery_id: int, state: str, error: str | None = None,
+                      retry_in: float | None = None) -> None:
+        """state 'sent' or 'failed'; or 'pending' again with retry_in seconds."""
+        now = time.time()
+        with self._transaction() as db:
+            db.execute("UPDATE deliveries SET state = ?, attempts = attempts + 1, "
+                       "last_error = ?, next_attempt_at = ?, updated_at = ? WHERE id = ?",
+                       (state, error, now + (retry_in or 0), now, delivery_id))
+            self._transition(db, "delivery", delivery_id, state, error)
+
     def retry_failed(self) -> int:
         """Failed studies go back into the queue with fresh attempts (`xrvd retry`)."""
         now = time.time()
@@ -496,7 +550,10 @@ class Store:
                        "updated_at = ? WHERE state = 'failed'", (now,))
             for study_id in ids:
                 self._transition(db, "study", study_id, "receiving", "retry")
-        return len(ids)
+            sends = db.execute("UPDATE deliveries SET state = 'pending', attempts = 0, "
+                               "next_attempt_at = ?, created_at = ?, updated_at = ? "
+                               "WHERE state = 'failed'", (now, now, now)).rowcount
+        return len(ids) + sends
 
     # --- reading, for status and tests ---------------------------------------------------
 
@@ -532,6 +589,14 @@ def read_status(state_dir: Path) -> dict:
             for uid, attempts, reason, updated in db.execute(
                 "SELECT study_uid, attempts, reason, updated_at FROM studies "
                 "WHERE state = 'failed' ORDER BY updated_at DESC LIMIT 20")]
+        deliveries = {
+            name: {"sent": sent or 0, "pending": pending or 0, "failed": failed or 0,
+                   "last_error": error}
+            for name, sent, pending, failed, error in db.execute(
+                "SELECT destination, SUM(state = 'sent'), SUM(state = 'pending'), "
+                "SUM(state = 'failed'), (SELECT last_error FROM deliveries e WHERE "
+                "e.destination = d.destination AND e.last_error IS NOT NULL ORDER BY "
+                "e.updated_at DESC LIMIT 1) FROM deliveries d GROUP BY destination")}
         last_run = db.execute("SELECT model, weights_sha256, finished_at FROM runs "
                               "WHERE state = 'done' ORDER BY finished_at DESC LIMIT 1").fetchone()
     finally:
@@ -545,6 +610,7 @@ def read_status(state_dir: Path) -> dict:
         "oldest_waiting": None if oldest[0] is None else {
             "study_instance_uid": oldest[0], "waiting_s": round(now - oldest[1], 1)},
         "failed_studies": failures,
+        "deliveries": deliveries,
         "last_run": None if last_run is None else {
             "model": last_run[0], "weights_sha256": last_run[1],
             "finished_ago_s": round(now - last_run[2], 1)},

@@ -13,6 +13,7 @@ import json
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,10 +53,12 @@ class _StudyWork:
 
 
 class Worker:
-    def __init__(self, config: Config, store: Store, classifier: Classifier):
+    def __init__(self, config: Config, store: Store, classifier: Classifier,
+                 on_report: Callable[[], None] = lambda: None):
         self.config = config
         self.store = store
         self.classifier = classifier
+        self.on_report = on_report  # wakes delivery
         self.apply(config)
         self.options = ConvertOptions(**config.convert.model_dump())
         self.log = get_logger(component="worker", model=classifier.identity.name)
@@ -179,7 +182,10 @@ class Worker:
                 sources: list[tuple[InstanceRow, pydicom.Dataset]]) -> None:
         claim = item.claim
         result_path = self._write_result(claim, scores, sources) if scores else None
-        state = self.store.finish_run(claim, scores, result_path)
+        state = self.store.finish_run(claim, scores, result_path,
+                                      [d.name for d in self.config.destinations])
+        if result_path is not None and self.config.destinations:
+            self.on_report()
         metrics.CLASSIFIED.inc(len(scores))
         if result_path is not None:
             metrics.REPORTED.inc()

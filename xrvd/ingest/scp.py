@@ -263,4 +263,8 @@ class StorageSCP:
         self.log.info(name, sop_instance_uid=sop_uid, study_instance_uid=outcome.study_uid,
                       status=outcome.status, size=size, calling_aet=calling,
                       duration_s=round(time.perf_counter() - started, 4))
+        if outcome.skipped:
+            self.log.info("instance.skipped", sop_instance_uid=sop_uid,
+                          study_instance_uid=outcome.study_uid, reason=outcome.skipped,
+                          detail="arrived after the study was reported; no re-run")
         return STATUS_SUCCESS

@@ -218,6 +218,10 @@ class DropFolderWatcher:
          else metrics.RECEIVED.labels("watch")).inc()
         self.log.info(name, file=str(relative), sop_instance_uid=outcome.sop_uid,
                       study_instance_uid=outcome.study_uid, status=outcome.status)
+        if outcome.skipped:
+            self.log.info("instance.skipped", sop_instance_uid=outcome.sop_uid,
+                          study_instance_uid=outcome.study_uid, reason=outcome.skipped,
+                          detail="arrived after the study was reported; no re-run")
         return 1
 
     def _reject(self, path: Path, relative: Path, reason: str) -> None:

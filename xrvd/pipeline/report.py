@@ -91,8 +91,11 @@ def build_report(sources: Sequence[Dataset], scores: dict[str, dict[str, float]]
         version=identity.weights_sha256[:16],
         parameters=[f"weights={identity.weights_file}", f"xrvd={__version__}",
                     f"torchxrayvision={identity.torchxrayvision_version}",
-                    f"threshold={threshold:g}"],
+                    f"threshold={threshold:g}"]
+        + (["UNTRAINED test weights: not a diagnosis"] if identity.untrained else []),
     )
+    if identity.untrained:  # never let random test weights pass for a result
+        series_description = f"UNTRAINED TEST - {series_description}"[:64]
     groups = []
     for source in sources:
         image_scores = scores[str(source.SOPInstanceUID)]

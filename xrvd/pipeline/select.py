@@ -48,6 +48,17 @@ def is_own_output(ds: Dataset) -> bool:
         _text(ds, "ManufacturerModelName").startswith(XRVD_MARKER.upper())
 
 
+def never_classified(ds: Dataset) -> str | None:
+    """Reason code for objects that can never change a study's result (our own reports, other
+    non-image objects), or None. A late arrival of one must not re-run the study: a PACS that
+    forwards everything back would otherwise make xrvd report forever."""
+    if is_own_output(ds):
+        return "own_output"
+    if _text(ds, "Modality") in _NON_IMAGE_MODALITIES or "Rows" not in ds:
+        return "not_an_image"
+    return None
+
+
 def view_of(ds: Dataset) -> str:
     view = _text(ds, "ViewPosition")
     if view:

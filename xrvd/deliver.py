@@ -1,0 +1,177 @@
+"""Delivery: each report to each configured destination by C-STORE, retried with backoff.
+
+One thread per destination, so a destination that is down (and its timeouts) never holds up
+another, nor classification. State lives in the journal; warning statuses (0xB000, 0xB006,
+0xB007) count as success, as the standard says they mean "stored".
+"""
+
+from __future__ import annotations
+
+import io
+import ssl
+import threading
+import time
+
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+
+from . import metrics
+from .config import Config, Destination
+from .log import get_logger
+from .pipeline.report import stable_uid
+from .store import Store
+
+SUCCESS_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
+ENHANCED_SR = "1.2.840.10008.5.1.4.1.1.88.22"
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+def as_flavour(report: pydicom.Dataset, flavour: str) -> pydicom.Dataset:
+    """Our reports hold no 3D coordinates, so the same content is a valid Enhanced SR: only
+    the SOP class and (derived, stable) instance UID change."""
+    if flavour == "enhanced" and report.SOPClassUID == COMPREHENSIVE_3D_SR:
+        report.SOPInstanceUID = stable_uid("enhanced", str(report.SOPInstanceUID))
+        report.SOPClassUID = ENHANCED_SR
+        report.file_meta.MediaStorageSOPClassUID = ENHANCED_SR
+        report.file_meta.MediaStorageSOPInstanceUID = report.SOPInstanceUID
+    return report
+
+
+def tls_arguments(destination: Destination):
+    if destination.tls is None:
+        return None
+    tls = destination.tls
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file))
+    context.check_hostname = tls.check_hostname
+    if tls.cert_file is not None:
+        context.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
+    return context, destination.host if tls.check_hostname else None
+
+
+def send_report(path: str, destination: Destination, timeout: float) -> tuple[bool, str]:
+    """One C-STORE of one report: (stored, what happened)."""
+    report = as_flavour(pydicom.dcmread(path), destination.sr_flavour)
+    ae = AE(ae_title=destination.calling_aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    ae.add_requested_context(report.SOPClassUID,
+                             [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                         tls_args=tls_arguments(destination))
+    if assoc.is_rejected:
+        rj = assoc.acceptor.primitive
+        return False, (f"association rejected (result {rj.result}, source {rj.result_source}, "
+                       f"reason {rj.diagnostic})")
+    if not assoc.is_established:
+        if assoc.rejected_contexts:  # negotiated, but our SR class was refused
+            return False, f"the destination does not accept {report.SOPClassUID.name}"
+        return False, "no association: connection refused, aborted or timed out"
+    try:
+        if not assoc.accepted_contexts:
+            return False, f"the destination does not accept {report.SOPClassUID.name}"
+        buffer = io.BytesIO()
+        report.save_as(buffer, enforce_file_format=True)
+        buffer.seek(0)
+        status = assoc.send_c_store(pydicom.dcmread(buffer))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if "Status" not in status:
+        return False, "no C-STORE response (timed out or aborted)"
+    code = int(status.Status)
+    comment = f": {status.ErrorComment}" if "ErrorComment" in status else ""
+    if code in SUCCESS_STATUSES:
+        return True, f"status 0x{code:04X}"
+    return False, f"C-STORE failed with status 0x{code:04X}{comment}"
+
+
+class Deliverer:
+    def __init__(self, config: Config, store: Store):
+        self.config = config
+        self.store = store
+        self.log = get_logger(component="deliver")
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._threads: dict[str, threading.Thread] = {}
+
+    def start(self) -> None:
+        for destination in self.config.destinations:
+            self._start_thread(destination.name)
+
+    def _start_thread(self, name: str) -> None:
+        thread = threading.Thread(target=self._run, args=(name,), name=f"xrvd-deliver-{name}",
+                                  daemon=True)
+        self._threads[name] = thread
+        thread.start()
+
+    def apply(self, config: Config) -> None:
+        """Reloaded destinations: new ones start sending, removed ones stop after the send in
+        hand (their pending reports are marked failed with the reason)."""
+        self.config = config
+        for destination in config.destinations:
+            if destination.name not in self._threads or \
+                    not self._threads[destination.name].is_alive():
+                self._start_thread(destination.name)
+        self.wake()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        for thread in self._threads.values():
+            thread.join(timeout)
+
+    def alive(self) -> bool:
+        return all(thread.is_alive() for thread in self._threads.values())
+
+    def _destination(self, name: str) -> Destination | None:
+        return next((d for d in self.config.destinations if d.name == name), None)
+
+    def _run(self, name: str) -> None:
+        while not self._stop.is_set():
+            destination = self._destination(name)
+            try:
+                due = self.store.due_deliveries(name)
+                for delivery_id, path, attempts, created_at in due:
+                    if self._stop.is_set():
+                        return
+                    if destination is None:
+                        self.store.delivery_done(delivery_id, "failed",
+                                                 "destination removed from the config")
+                        continue
+                    self._deliver(destination, delivery_id, path, attempts, created_at)
+                if destination is None:
+                    return
+                wait = self.store.next_delivery_in(name)
+            except Exception as exc:  # noqa: BLE001 - delivery must keep running
+                self.log.error("deliver.error", destination=name, error=repr(exc))
+                wait = 5.0
+            self._wake.wait(1.0 if wait is None else min(wait, 1.0))
+            self._wake.clear()
+
+    def _deliver(self, destination: Destination, delivery_id: int, path: str, attempts: int,
+                 created_at: float) -> None:
+        policy = self.config.delivery
+        started = time.perf_counter()
+        try:
+            stored, detail = send_report(path, destination, policy.timeout_seconds)
+        except Exception as exc:  # noqa: BLE001 - a broken file or peer is one failure
+            stored, detail = False, f"{type(exc).__name__}: {exc}"
+        fields = dict(destination=destination.name, report=path, attempt=attempts + 1,
+                      detail=detail, duration_s=round(time.perf_counter() - started, 3))
+        if stored:
+            self.store.delivery_done(delivery_id, "sent")
+            metrics.SENT.labels(destination.name).inc()
+            self.log.info("report.sent", **fields)
+            return
+        too_old = time.time() - created_at > policy.max_age_hours * 3600
+        if attempts + 1 >= policy.max_attempts or too_old:
+            self.store.delivery_done(delivery_id, "failed", detail)
+            self.log.error("report.send_failed", final=True, **fields)
+            return
+        retry_in = min(policy.retry_seconds * 2 ** attempts, policy.max_retry_seconds)
+        self.store.delivery_done(delivery_id, "pending", detail, retry_in)
+        self.log.warning("report.send_failed", final=False, retry_in_s=retry_in, **fields)
