@@ -144,13 +144,13 @@ def main() -> None:
         files = make_instances(work, args.count)
         size_mb = sum(f.stat().st_size for f in files) / len(files) / 1e6
         os.sync()
-        xrvd = bench_xrvd(files, work)
+        xrvd_s = bench_xrvd(files, work)
         os.sync()  # storescp leaves its files unsynced; keep that writeback out of xrvd's run
-        dcmtk = bench_storescp(files, work)
+        storescp_s = bench_storescp(files, work)
     print(f"{args.count} instances of {size_mb:.1f} MB, storescu -> loopback, 128 kB PDU")
-    print(f"  DCMTK storescp (+B, no fsync): {args.count / dcmtk:6.1f} images/s")
-    print(f"  xrvd (durable)               : {args.count / xrvd:6.1f} images/s")
-    print(f"  xrvd rate / storescp rate    : {dcmtk / xrvd:6.2f}")
+    print(f"  DCMTK storescp (+B, no fsync): {args.count / storescp_s:6.1f} images/s")
+    print(f"  xrvd (durable)               : {args.count / xrvd_s:6.1f} images/s")
+    print(f"  xrvd rate / storescp rate    : {storescp_s / xrvd_s:6.2f}")
 
 
 if __name__ == "__main__":
