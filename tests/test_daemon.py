@@ -396,3 +396,14 @@ def _assert_once_per_study(xrvd):
             "SELECT i.sop_uid FROM instances i JOIN studies s ON s.id = i.study_id "
             "WHERE s.study_uid = ? AND i.state != 'superseded'", (study_uid,))
         assert sorted(images) == sorted(uid for (uid,) in expected)
+
+
+def test_serve_without_weights_says_what_to_do(tmp_path):
+    config = write_config(tmp_path, tmp_path / "no-weights")
+    done = subprocess.run([sys.executable, "-m", "xrvd", "serve", "-c", str(config)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert f"xrvd models fetch {MODEL}" in done.stderr
+    assert f"xrvd models import {MODEL}" in done.stderr
+    assert any(json.loads(line)["event"] == "daemon.start_failed"
+               for line in done.stdout.splitlines())

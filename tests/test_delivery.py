@@ -26,7 +26,8 @@ SR_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.22"}
 class Pacs:
     """A storage SCP on a free loopback port that keeps what it receives."""
 
-    def __init__(self, accept_sr: bool = True):
+    def __init__(self, accept_sr: bool = True, status: int = 0x0000):
+        self.status = status
         self.received: list[pydicom.Dataset] = []
         self._cond = threading.Condition()
         ae = AE(ae_title="PACS")
@@ -43,7 +44,7 @@ class Pacs:
         with self._cond:
             self.received.append(ds)
             self._cond.notify_all()
-        return 0x0000
+        return self.status
 
     def wait_for(self, count: int, timeout: float = 60) -> list[pydicom.Dataset]:
         with self._cond:
@@ -107,6 +108,17 @@ def test_reports_reach_every_destination_once_despite_one_down(daemon, pacs, tmp
     status = {d["name"]: d for d in json.loads(capsys.readouterr().out)["destinations"]}
     assert status["pacs"]["sent"] == 2 and status["old-archive"]["sent"] == 2
     assert status["down"]["failed"] == 2 and status["down"]["last_error"]
+
+
+def test_warning_status_counts_as_stored(daemon, pacs, tmp_path):  # noqa: F811
+    coerced = pacs(status=0xB000)  # "coercion of data elements": stored, with changes
+    xrvd = daemon(destinations=[{"name": "coercing", "ae_title": "PACS",
+                                 "host": "127.0.0.1", "port": coerced.port}],
+                  delivery={"max_attempts": 3, "retry_seconds": 0.1})
+    assert send(xrvd.port, [pydicom.dcmread(NIH_SC)]) == [0]
+    sent = xrvd.wait_for("report.sent")[0]
+    assert sent["detail"] == "status 0xB000"
+    assert len(coerced.received) == 1 and not xrvd.find("report.send_failed")
 
 
 def test_destination_refusing_sr_is_marked_failed(daemon, pacs, tmp_path):  # noqa: F811
