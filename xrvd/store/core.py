@@ -1,4 +1,4 @@
-"""The spool and the journal: the only module that touches either.
+"""The spool and the journal (the store package is the only code that touches either).
 
 An instance is acknowledged (C-STORE 0x0000, or moved out of the drop folder) only after its
 file is fsync'd in the spool and its journal row is committed. The journal is SQLite in WAL
@@ -14,7 +14,6 @@ States:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import sqlite3
@@ -22,152 +21,20 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
-import pydicom
-from pydicom.errors import InvalidDicomError
-
-from .errors import XrvdError
-from .fsutil import fsync_path
-from .pipeline.select import never_classified
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS studies (
-    id INTEGER PRIMARY KEY,
-    study_uid TEXT NOT NULL UNIQUE,
-    state TEXT NOT NULL,
-    generation INTEGER NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    reason TEXT,
-    last_instance_at REAL NOT NULL,
-    not_before REAL NOT NULL DEFAULT 0,
-    updated_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS instances (
-    id INTEGER PRIMARY KEY,
-    study_id INTEGER NOT NULL REFERENCES studies(id),
-    sop_uid TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    series_uid TEXT,
-    sop_class_uid TEXT,
-    content_sha256 TEXT,  -- computed only when a second copy of the SOP UID arrives
-    path TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    source TEXT NOT NULL,
-    state TEXT NOT NULL,
-    reason TEXT,
-    received_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    UNIQUE (sop_uid, version)
-);
-CREATE INDEX IF NOT EXISTS instances_study ON instances(study_id, state);
-CREATE TABLE IF NOT EXISTS runs (
-    id INTEGER PRIMARY KEY,
-    study_id INTEGER NOT NULL REFERENCES studies(id),
-    model TEXT NOT NULL,
-    weights_sha256 TEXT NOT NULL,
-    generation INTEGER NOT NULL,
-    state TEXT NOT NULL,
-    result_path TEXT,
-    started_at REAL NOT NULL,
-    finished_at REAL,
-    UNIQUE (study_id, model, weights_sha256, generation)
-);
-CREATE TABLE IF NOT EXISTS scores (
-    run_id INTEGER NOT NULL REFERENCES runs(id),
-    instance_id INTEGER NOT NULL REFERENCES instances(id),
-    label TEXT NOT NULL,
-    score REAL NOT NULL,
-    PRIMARY KEY (run_id, instance_id, label)
-);
-CREATE TABLE IF NOT EXISTS deliveries (
-    id INTEGER PRIMARY KEY,
-    run_id INTEGER NOT NULL REFERENCES runs(id),
-    destination TEXT NOT NULL,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL,
-    last_error TEXT,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    UNIQUE (run_id, destination)
-);
-CREATE TABLE IF NOT EXISTS transitions (
-    id INTEGER PRIMARY KEY,
-    at REAL NOT NULL,
-    entity TEXT NOT NULL,
-    entity_id INTEGER NOT NULL,
-    state TEXT NOT NULL,
-    reason TEXT
-);
-"""
-
-
-class StoreError(XrvdError):
-    """The instance could not be made durable (disk full, journal error): refuse it."""
-
-    reason = "store_failed"
-
-
-class NotStorableError(XrvdError):
-    """The file is not a DICOM instance the journal can hold (no UIDs, not DICOM)."""
-
-    reason = "not_dicom"
-
-
-@dataclass(frozen=True)
-class StoreOutcome:
-    status: str  # stored | duplicate | new_version
-    instance_id: int | None
-    study_uid: str
-    sop_uid: str
-    skipped: str | None = None  # reason, when journaled as skipped at once
-
-
-@dataclass(frozen=True)
-class InstanceRow:
-    id: int
-    sop_uid: str
-    path: Path
-    state: str
-
-
-@dataclass(frozen=True)
-class StudyClaim:
-    study_id: int
-    study_uid: str
-    generation: int
-    attempts: int
-    run_id: int
-    last_instance_at: float
-
-
-def _header(path: Path) -> pydicom.Dataset:
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
-        raise NotStorableError(f"not a readable DICOM file: {exc}") from exc
-    for keyword in ("StudyInstanceUID", "SOPInstanceUID"):
-        value = str(ds.get(keyword, "") or "").strip()
-        if not value or len(value) > 64:
-            raise NotStorableError(f"not a DICOM instance: no valid {keyword}")
-    return ds
-
-
-def _content_digest(path: Path) -> str:
-    """SHA-256 of the file after its meta header, so the same instance sent by two senders
-    (whose meta headers differ) is recognised as the same content."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        start = 0
-        head = f.read(144)
-        if len(head) >= 144 and head[128:132] == b"DICM" and head[132:136] == b"\x02\x00\x00\x00":
-            start = 144 + int.from_bytes(head[140:144], "little")
-        f.seek(start)
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+from ..fsutil import fsync_path
+from ..pipeline.select import never_classified
+from .records import (
+    SCHEMA,
+    InstanceRow,
+    NotStorableError,
+    StoreError,
+    StoreOutcome,
+    StudyClaim,
+    content_digest,
+    read_header,
+)
 
 
 class Store:
@@ -225,7 +92,7 @@ class Store:
         spool or journal cannot take it (nothing is left half written either way).
         """
         source_path = Path(source_path)
-        ds = _header(source_path)
+        ds = read_header(source_path)
         study_uid = str(ds.StudyInstanceUID).strip()
         sop_uid = str(ds.SOPInstanceUID).strip()
         name = uuid.uuid4().hex
@@ -275,7 +142,7 @@ class Store:
         with self._lock:
             seen = self._db.execute("SELECT 1 FROM instances WHERE sop_uid = ? LIMIT 1",
                                     (sop_uid,)).fetchone()
-        return _content_digest(path) if seen else None
+        return content_digest(path) if seen else None
 
     def _latest_digest(self, db, sop_uid: str) -> tuple[int, int, str] | None:
         row = db.execute("SELECT id, version, content_sha256, path FROM instances "
@@ -284,7 +151,7 @@ class Store:
             return None
         instance_id, version, digest, path = row
         if digest is None:
-            digest = _content_digest(self.spool / path)
+            digest = content_digest(self.spool / path)
             db.execute("UPDATE instances SET content_sha256 = ? WHERE id = ?",
                        (digest, instance_id))
         return instance_id, version, digest
@@ -320,7 +187,7 @@ class Store:
                                "WHERE id = ?", (now, now, study_id))
             previous = self._latest_digest(db, sop_uid)
             if previous is not None and digest is None:
-                digest = _content_digest(target)  # raced with another copy: compare now
+                digest = content_digest(target)  # raced with another copy: compare now
             if previous is not None and previous[2] == digest:
                 os.unlink(target)  # raced with an identical copy
                 return StoreOutcome("duplicate", None, study_uid, sop_uid)
@@ -568,50 +435,3 @@ class Store:
     def query(self, sql: str, params: Iterable = ()) -> list[tuple]:
         with self._lock:
             return self._db.execute(sql, tuple(params)).fetchall()
-
-
-def read_status(state_dir: Path) -> dict:
-    """What `xrvd status` shows, read-only, while the daemon may be running."""
-    path = Path(state_dir) / "journal.sqlite3"
-    if not path.exists():
-        raise StoreError(f"no journal at {path}: has xrvd serve run with this state_dir?")
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-    try:
-        studies = dict(db.execute("SELECT state, COUNT(*) FROM studies GROUP BY state"))
-        instances = dict(db.execute("SELECT state, COUNT(*) FROM instances GROUP BY state"))
-        skipped = dict(db.execute("SELECT reason, COUNT(*) FROM instances "
-                                  "WHERE state = 'skipped' GROUP BY reason"))
-        oldest = db.execute("SELECT study_uid, MIN(last_instance_at) FROM studies "
-                            "WHERE state IN ('receiving', 'processing')").fetchone()
-        failures = [
-            {"study_instance_uid": uid, "attempts": attempts, "reason": reason,
-             "since": updated}
-            for uid, attempts, reason, updated in db.execute(
-                "SELECT study_uid, attempts, reason, updated_at FROM studies "
-                "WHERE state = 'failed' ORDER BY updated_at DESC LIMIT 20")]
-        deliveries = {
-            name: {"sent": sent or 0, "pending": pending or 0, "failed": failed or 0,
-                   "last_error": error}
-            for name, sent, pending, failed, error in db.execute(
-                "SELECT destination, SUM(state = 'sent'), SUM(state = 'pending'), "
-                "SUM(state = 'failed'), (SELECT last_error FROM deliveries e WHERE "
-                "e.destination = d.destination AND e.last_error IS NOT NULL ORDER BY "
-                "e.updated_at DESC LIMIT 1) FROM deliveries d GROUP BY destination")}
-        last_run = db.execute("SELECT model, weights_sha256, finished_at FROM runs "
-                              "WHERE state = 'done' ORDER BY finished_at DESC LIMIT 1").fetchone()
-    finally:
-        db.close()
-    now = time.time()
-    return {
-        "studies": studies,
-        "instances": instances,
-        "skipped_by_reason": skipped,
-        "queue_depth": studies.get("receiving", 0) + studies.get("processing", 0),
-        "oldest_waiting": None if oldest[0] is None else {
-            "study_instance_uid": oldest[0], "waiting_s": round(now - oldest[1], 1)},
-        "failed_studies": failures,
-        "deliveries": deliveries,
-        "last_run": None if last_run is None else {
-            "model": last_run[0], "weights_sha256": last_run[1],
-            "finished_ago_s": round(now - last_run[2], 1)},
-    }

@@ -1,0 +1,8 @@
+"""The spool and the journal: the only package that touches either (see core.py)."""
+
+from .core import Store
+from .records import InstanceRow, NotStorableError, StoreError, StoreOutcome, StudyClaim
+from .status import read_status
+
+__all__ = ["InstanceRow", "NotStorableError", "Store", "StoreError", "StoreOutcome",
+           "StudyClaim", "read_status"]

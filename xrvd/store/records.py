@@ -1,0 +1,149 @@
+"""The journal's schema and the records the store hands out."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from ..errors import XrvdError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS studies (
+    id INTEGER PRIMARY KEY,
+    study_uid TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL,
+    generation INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    reason TEXT,
+    last_instance_at REAL NOT NULL,
+    not_before REAL NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS instances (
+    id INTEGER PRIMARY KEY,
+    study_id INTEGER NOT NULL REFERENCES studies(id),
+    sop_uid TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    series_uid TEXT,
+    sop_class_uid TEXT,
+    content_sha256 TEXT,  -- computed only when a second copy of the SOP UID arrives
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    received_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    UNIQUE (sop_uid, version)
+);
+CREATE INDEX IF NOT EXISTS instances_study ON instances(study_id, state);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY,
+    study_id INTEGER NOT NULL REFERENCES studies(id),
+    model TEXT NOT NULL,
+    weights_sha256 TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    result_path TEXT,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    UNIQUE (study_id, model, weights_sha256, generation)
+);
+CREATE TABLE IF NOT EXISTS scores (
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    instance_id INTEGER NOT NULL REFERENCES instances(id),
+    label TEXT NOT NULL,
+    score REAL NOT NULL,
+    PRIMARY KEY (run_id, instance_id, label)
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    destination TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    UNIQUE (run_id, destination)
+);
+CREATE TABLE IF NOT EXISTS transitions (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    entity TEXT NOT NULL,
+    entity_id INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT
+);
+"""
+
+
+class StoreError(XrvdError):
+    """The instance could not be made durable (disk full, journal error): refuse it."""
+
+    reason = "store_failed"
+
+
+class NotStorableError(XrvdError):
+    """The file is not a DICOM instance the journal can hold (no UIDs, not DICOM)."""
+
+    reason = "not_dicom"
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    status: str  # stored | duplicate | new_version
+    instance_id: int | None
+    study_uid: str
+    sop_uid: str
+    skipped: str | None = None  # reason, when journaled as skipped at once
+
+
+@dataclass(frozen=True)
+class InstanceRow:
+    id: int
+    sop_uid: str
+    path: Path
+    state: str
+
+
+@dataclass(frozen=True)
+class StudyClaim:
+    study_id: int
+    study_uid: str
+    generation: int
+    attempts: int
+    run_id: int
+    last_instance_at: float
+
+
+def read_header(path: Path) -> pydicom.Dataset:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise NotStorableError(f"not a readable DICOM file: {exc}") from exc
+    for keyword in ("StudyInstanceUID", "SOPInstanceUID"):
+        value = str(ds.get(keyword, "") or "").strip()
+        if not value or len(value) > 64:
+            raise NotStorableError(f"not a DICOM instance: no valid {keyword}")
+    return ds
+
+
+def content_digest(path: Path) -> str:
+    """SHA-256 of the file after its meta header, so the same instance sent by two senders
+    (whose meta headers differ) is recognised as the same content."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        start = 0
+        head = f.read(144)
+        if len(head) >= 144 and head[128:132] == b"DICM" and head[132:136] == b"\x02\x00\x00\x00":
+            start = 144 + int.from_bytes(head[140:144], "little")
+        f.seek(start)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,56 @@
+"""`xrvd status`: the journal read-only, while the daemon may be running."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+from .records import StoreError
+
+
+def read_status(state_dir: Path) -> dict:
+    """What `xrvd status` shows, read-only, while the daemon may be running."""
+    path = Path(state_dir) / "journal.sqlite3"
+    if not path.exists():
+        raise StoreError(f"no journal at {path}: has xrvd serve run with this state_dir?")
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        studies = dict(db.execute("SELECT state, COUNT(*) FROM studies GROUP BY state"))
+        instances = dict(db.execute("SELECT state, COUNT(*) FROM instances GROUP BY state"))
+        skipped = dict(db.execute("SELECT reason, COUNT(*) FROM instances "
+                                  "WHERE state = 'skipped' GROUP BY reason"))
+        oldest = db.execute("SELECT study_uid, MIN(last_instance_at) FROM studies "
+                            "WHERE state IN ('receiving', 'processing')").fetchone()
+        failures = [
+            {"study_instance_uid": uid, "attempts": attempts, "reason": reason,
+             "since": updated}
+            for uid, attempts, reason, updated in db.execute(
+                "SELECT study_uid, attempts, reason, updated_at FROM studies "
+                "WHERE state = 'failed' ORDER BY updated_at DESC LIMIT 20")]
+        deliveries = {
+            name: {"sent": sent or 0, "pending": pending or 0, "failed": failed or 0,
+                   "last_error": error}
+            for name, sent, pending, failed, error in db.execute(
+                "SELECT destination, SUM(state = 'sent'), SUM(state = 'pending'), "
+                "SUM(state = 'failed'), (SELECT last_error FROM deliveries e WHERE "
+                "e.destination = d.destination AND e.last_error IS NOT NULL ORDER BY "
+                "e.updated_at DESC LIMIT 1) FROM deliveries d GROUP BY destination")}
+        last_run = db.execute("SELECT model, weights_sha256, finished_at FROM runs "
+                              "WHERE state = 'done' ORDER BY finished_at DESC LIMIT 1").fetchone()
+    finally:
+        db.close()
+    now = time.time()
+    return {
+        "studies": studies,
+        "instances": instances,
+        "skipped_by_reason": skipped,
+        "queue_depth": studies.get("receiving", 0) + studies.get("processing", 0),
+        "oldest_waiting": None if oldest[0] is None else {
+            "study_instance_uid": oldest[0], "waiting_s": round(now - oldest[1], 1)},
+        "failed_studies": failures,
+        "deliveries": deliveries,
+        "last_run": None if last_run is None else {
+            "model": last_run[0], "weights_sha256": last_run[1],
+            "finished_ago_s": round(now - last_run[2], 1)},
+    }
