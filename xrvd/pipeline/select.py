@@ -7,7 +7,7 @@ Capture with Modality DX, without BodyPartExamined, without ViewPosition.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
@@ -33,7 +33,6 @@ class Selection:
     reason: str | None = None  # reason code when not classified
     detail: str = ""
     view: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def _text(ds: Dataset, keyword: str) -> str:
