@@ -160,10 +160,7 @@ def _classify(args: argparse.Namespace, config) -> int:
     from .pipeline.models import Classifier
 
     threshold = config.model.threshold if args.threshold is None else args.threshold
-    classifier = Classifier.load(
-        args.model or config.model.name, args.weights_dir or config.weights_dir,
-        allow_download=config.model.allow_download, download_url=config.model.download_url,
-        device=config.model.device, threads=config.model.threads)
+    classifier = Classifier.from_config(config, name=args.model, weights_dir=args.weights_dir)
     results = classify_files(
         args.files, classifier, threshold=threshold,
         batch_size=args.batch_size or config.model.batch_size,

@@ -65,10 +65,7 @@ class Daemon:
         self.store = Store(config.state_dir)
         recovered = self.store.recover()
         self.log.info("journal.recovered", state_dir=str(config.state_dir), **recovered)
-        classifier = Classifier.load(
-            config.model.name, config.weights_dir, allow_download=config.model.allow_download,
-            download_url=config.model.download_url, device=config.model.device,
-            threads=config.model.threads)
+        classifier = Classifier.from_config(config)
         identity = classifier.identity
         if identity.untrained:
             self.log.warning("model.untrained", detail="UNTRAINED test weights: results are "

@@ -73,6 +73,15 @@ class Classifier:
         )
         return cls(spec, network, identity, device)
 
+    @classmethod
+    def from_config(cls, config, *, name: str | None = None,
+                    weights_dir: Path | None = None) -> Classifier:
+        """The model a config asks for (every command that classifies loads it this way)."""
+        model = config.model
+        return cls.load(name or model.name, weights_dir or config.weights_dir,
+                        allow_download=model.allow_download, download_url=model.download_url,
+                        device=model.device, threads=model.threads)
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """(N, 1, R, R) float32 in [-1024, 1024] -> (N, len(labels)) scores in [0, 1]."""
         import torch
