@@ -66,8 +66,11 @@ class ModelConfig(Section):
     # Base URL of a local mirror of TorchXRayVision's release files (default: upstream).
     download_url: str | None = None
     batch_size: int = Field(default=8, ge=1, le=256)
+    # auto: ONNX Runtime when installed (on cuda only with its CUDA provider), else torch.
+    backend: Literal["auto", "onnxruntime", "torch"] = "auto"
     device: Literal["cpu", "cuda"] = "cpu"
-    # 0: let torch choose (one thread per available core).
+    # Intra-op inference threads; 0: one per CPU this process may use (CPU affinity and the
+    # cgroup's CPU quota count).
     threads: int = Field(default=0, ge=0, le=256)
 
 

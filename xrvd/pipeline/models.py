@@ -1,17 +1,29 @@
 """Load a registry model and run batched inference. No DICOM here: inputs are the arrays that
-convert.py produces, outputs are scores for the labels the model really predicts."""
+convert.py produces, outputs are scores for the labels the model really predicts.
+
+Two backends run the same network: ONNX Runtime (a graph exported from the loaded
+TorchXRayVision model and checked against it, see onnxrt.py) and PyTorch eager. `auto` picks
+ONNX Runtime when it is installed; a model whose graph cannot be exported or does not match
+PyTorch runs on PyTorch, with a `model.backend_fallback` event that says why.
+"""
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UntrainedWeightsError
+from ..log import get_logger
+from . import onnxrt
 from .registry import ModelSpec, get_spec
 from .untrained import ALLOW_UNTRAINED_ENV, untrained_allowed_by_environment
 from .weights import load_network, require, sha256
+
+BACKENDS = ("auto", "onnxruntime", "torch")
 
 
 @dataclass(frozen=True)
@@ -27,12 +39,26 @@ class ModelIdentity:
 
 
 class Classifier:
-    def __init__(self, spec: ModelSpec, network, identity: ModelIdentity, device: str = "cpu"):
+    """A loaded model. `backend` says what runs it: "onnxruntime" or "torch"."""
+
+    def __init__(self, spec: ModelSpec, network, identity: ModelIdentity, device: str = "cpu",
+                 *, backend: str = "torch", session=None, weights_path: Path | None = None):
         self.spec = spec
-        self.network = network
+        self._network = network
         self.identity = identity
         self.device = device
+        self.backend = backend
+        self._session = session
+        self._weights_path = weights_path
         self._indices = [label.index for label in spec.labels]
+
+    @property
+    def network(self):
+        """The TorchXRayVision network (torch.nn.Module). On the ONNX Runtime backend it is
+        not loaded for inference; asking for it here loads it (with torch) from the weights."""
+        if self._network is None:
+            self._network = load_network(self.spec, self._weights_path).network.to(self.device)
+        return self._network
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -45,33 +71,82 @@ class Classifier:
     @classmethod
     def load(cls, name: str, weights_dir: Path, *, allow_download: bool = False,
              download_url: str | None = None, device: str = "cpu", threads: int = 0,
-             allow_untrained: bool = False) -> Classifier:
-        import torch
-        import torchxrayvision as xrv
-
+             allow_untrained: bool = False, backend: str = "auto") -> Classifier:
+        """backend: "auto" (ONNX Runtime if installed, else torch), "onnxruntime" or "torch".
+        threads: intra-op threads; 0 means the CPUs this process may use (available_cpus)."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         spec = get_spec(name)
         path = require(spec, weights_dir, allow_download=allow_download,
                        download_url=download_url)
-        loaded = load_network(spec, path)
-        if loaded.untrained and not (allow_untrained or untrained_allowed_by_environment()):
-            raise UntrainedWeightsError(
-                f"{path} holds UNTRAINED random weights written by xrvd's test tooling; their "
-                "scores would be meaningless. Replace the file with the published weights "
-                f"(`xrvd models fetch {name}` or `xrvd models import {name} FILE`). Tests and "
-                f"benchmarks opt in with {ALLOW_UNTRAINED_ENV}."
-            )
-        if threads:
-            torch.set_num_threads(threads)
+        allowed = allow_untrained or untrained_allowed_by_environment()
+        threads = threads or available_cpus()
+        weights_sha256 = sha256(path)
+        log = get_logger(model=spec.name)
+        loaded = None
+        if _choose_backend(backend, device, log) == "onnxruntime":
+            classifier, loaded = cls._load_onnx(spec, path, weights_sha256, device=device,
+                                                threads=threads, allowed=allowed, log=log)
+            if classifier is not None:
+                return classifier
+        import torch
+        import torchxrayvision as xrv
+
+        if loaded is None:
+            loaded = load_network(spec, path)
+            refuse_untrained(spec, path, loaded.untrained, allowed)
+        torch.set_num_threads(threads)
         network = loaded.network.to(device)
-        identity = ModelIdentity(
-            name=spec.name,
-            architecture=spec.architecture,
-            weights_file=spec.weights_file,
-            weights_sha256=sha256(path),
-            torchxrayvision_version=xrv.__version__,
-            untrained=bool(loaded.untrained),
-        )
-        return cls(spec, network, identity, device)
+        identity = _identity(spec, weights_sha256, xrv.__version__, loaded.untrained)
+        log.info("model.backend", backend="torch", device=device, threads=threads)
+        return cls(spec, network, identity, device, backend="torch", weights_path=path)
+
+    @classmethod
+    def _load_onnx(cls, spec: ModelSpec, path: Path, weights_sha256: str, *, device: str,
+                   threads: int, allowed: bool, log):
+        """(classifier, None) on ONNX Runtime, or (None, the loaded network) to run on torch."""
+        cached = onnxrt.check_cache(spec, path.parent, weights_sha256)
+        if cached.status == "verified":
+            record = cached.record
+            refuse_untrained(spec, path, record.get("untrained"), allowed)
+            try:
+                session = onnxrt.make_session(cached.path, spec, threads=threads, device=device)
+            except Exception as exc:  # the file matched its sha256, but cannot be run
+                cached = onnxrt.Cached("invalid", cached.path, reason=f"{type(exc).__name__}: "
+                                       f"{str(exc)[:200]}")
+            else:
+                identity = _identity(spec, weights_sha256, record["torchxrayvision_version"],
+                                     record.get("untrained"))
+                log.info("model.backend", backend="onnxruntime", source="cache",
+                         path=str(cached.path), device=device, threads=threads)
+                return cls(spec, None, identity, device, backend="onnxruntime",
+                           session=session, weights_path=path), None
+        if cached.status == "invalid":
+            log.warning("model.export_invalid", path=str(cached.path), reason=cached.reason,
+                        action="rebuilding it")
+        loaded = load_network(spec, path)
+        refuse_untrained(spec, path, loaded.untrained, allowed)
+        if cached.status == "rejected":
+            _fallback(log, "scores_differ", max_abs_diff=cached.record.get("max_abs_diff"),
+                      recorded_in=str(cached.path) + ".json")
+            return None, loaded
+        try:
+            built = onnxrt.build(spec, loaded.network, weights_path=path,
+                                 weights_sha256=weights_sha256, untrained=loaded.untrained,
+                                 threads=threads, device=device)
+        except onnxrt.ExportError as exc:
+            _fallback(log, "export_failed", error=str(exc))
+            return None, loaded
+        if not built.verified:
+            _fallback(log, "scores_differ", max_abs_diff=built.record["max_abs_diff"])
+            return None, loaded
+        identity = _identity(spec, weights_sha256, built.record["torchxrayvision_version"],
+                             loaded.untrained)
+        log.info("model.backend", backend="onnxruntime", source="exported",
+                 path=str(built.path) if built.path else None, device=device, threads=threads)
+        # The torch network is dropped: serving from the graph is what saves the memory.
+        return cls(spec, None, identity, device, backend="onnxruntime",
+                   session=built.session, weights_path=path), None
 
     @classmethod
     def from_config(cls, config, *, name: str | None = None,
@@ -80,15 +155,17 @@ class Classifier:
         model = config.model
         return cls.load(name or model.name, weights_dir or config.weights_dir,
                         allow_download=model.allow_download, download_url=model.download_url,
-                        device=model.device, threads=model.threads)
+                        device=model.device, threads=model.threads, backend=model.backend)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """(N, 1, R, R) float32 in [-1024, 1024] -> (N, len(labels)) scores in [0, 1]."""
-        import torch
-
         expected = (1, self.resolution, self.resolution)
         if batch.ndim != 4 or batch.shape[1:] != expected:
             raise ValueError(f"expected a batch of shape (N, {expected}), got {batch.shape}")
+        if self._session is not None:
+            return onnxrt.run(self._session, batch)[:, self._indices].astype(np.float32)
+        import torch
+
         with torch.inference_mode():
             out = self.network(torch.from_numpy(batch).to(self.device))
         return out[:, self._indices].float().cpu().numpy()
@@ -102,3 +179,121 @@ class Classifier:
         if not results:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         return np.concatenate(results)
+
+
+def refuse_untrained(spec: ModelSpec, path: Path, untrained: str | None, allowed: bool) -> None:
+    if untrained and not allowed:
+        raise UntrainedWeightsError(
+            f"{path} holds UNTRAINED random weights written by xrvd's test tooling; their "
+            "scores would be meaningless. Replace the file with the published weights "
+            f"(`xrvd models fetch {spec.name}` or `xrvd models import {spec.name} FILE`). "
+            f"Tests and benchmarks opt in with {ALLOW_UNTRAINED_ENV}."
+        )
+
+
+def _identity(spec: ModelSpec, weights_sha256: str, xrv_version: str,
+              untrained: str | None) -> ModelIdentity:
+    return ModelIdentity(
+        name=spec.name,
+        architecture=spec.architecture,
+        weights_file=spec.weights_file,
+        weights_sha256=weights_sha256,
+        torchxrayvision_version=xrv_version,
+        untrained=bool(untrained),
+    )
+
+
+def _fallback(log, reason: str, **details) -> None:
+    log.warning("model.backend_fallback", backend="torch", reason=reason,
+                tolerance=onnxrt.TOLERANCE, **details)
+
+
+def _choose_backend(backend: str, device: str, log) -> str:
+    """"onnxruntime" or "torch" for a requested backend on a device."""
+    if backend == "torch":
+        return "torch"
+    if not onnxrt.onnxruntime_installed():
+        if backend == "onnxruntime":
+            _fallback(log, "onnxruntime_not_installed")
+        return "torch"
+    if device == "cuda" and not onnxrt.cuda_provider_available():
+        if backend == "onnxruntime":
+            _fallback(log, "onnxruntime_cuda_provider_unavailable")
+        return "torch"
+    return "onnxruntime"
+
+
+# --- how many threads ---------------------------------------------------------------------
+
+
+def available_cpus(root: Path = Path("/")) -> int:
+    """The CPUs this process may really use: its CPU affinity, lowered to the cgroup's CPU
+    quota (v2 `cpu.max`, v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`) rounded down, at
+    least 1. A quota of 1.5 CPUs gives 1 thread: threads beyond the quota are throttled, and
+    one throttled thread stalls the others at every synchronisation point.
+
+    `root` is where /proc and /sys are found (tests give a folder of fake cgroup files)."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        count = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(root)
+    if quota is not None:
+        count = min(count, max(1, math.floor(quota)))
+    return max(1, count)
+
+
+def cgroup_cpu_quota(root: Path = Path("/")) -> float | None:
+    """The tightest CPU quota (in CPUs) of this process's cgroup and its ancestors, or None."""
+    try:
+        lines = (root / "proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    mount = root / "sys/fs/cgroup"
+    quotas = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, cgroup = parts
+        if controllers == "":  # cgroup v2 (unified)
+            for folder in _ancestors(mount, cgroup):
+                quotas.append(_v2_quota(folder / "cpu.max"))
+        elif "cpu" in controllers.split(","):  # cgroup v1
+            for base in (mount / controllers, mount / "cpu", mount / "cpu,cpuacct"):
+                if base.is_dir():
+                    for folder in _ancestors(base, cgroup):
+                        quotas.append(_v1_quota(folder))
+                    break
+    found = [q for q in quotas if q is not None]
+    return min(found) if found else None
+
+
+def _ancestors(mount: Path, cgroup: str) -> list[Path]:
+    """The cgroup's folder and every parent up to the mount point. Inside a container the
+    path in /proc/self/cgroup may not exist under the mount (its root is the container's own
+    cgroup); missing folders are skipped and the mount itself always counts."""
+    parts = [p for p in cgroup.strip().split("/") if p and p != ".."]
+    folders = [mount.joinpath(*parts[:i]) for i in range(len(parts), 0, -1)]
+    return [f for f in folders if f.is_dir()] + [mount]
+
+
+def _v2_quota(path: Path) -> float | None:
+    try:
+        quota, period = path.read_text().split()[:2]
+        if quota == "max":
+            return None
+        return int(quota) / int(period)
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+
+
+def _v1_quota(folder: Path) -> float | None:
+    try:
+        quota = int((folder / "cpu.cfs_quota_us").read_text())
+        period = int((folder / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    if quota <= 0 or period <= 0:
+        return None
+    return quota / period

@@ -1,0 +1,309 @@
+"""The ONNX Runtime backend: export a loaded TorchXRayVision network to ONNX once, check it
+against PyTorch, cache it beside the weights, and run it without torch.
+
+The graph is exactly what `network(x)` computes for xrvd's inputs, sigmoid and
+operating-point normalisation included, so its scores mean the same as PyTorch's. Inputs are
+(N, 1, R, R) float32 in [-1024, 1024] at the model's native resolution; N is a dynamic axis.
+
+Cache: `<weights_dir>/<model>.<weights sha256[:16]>.<exporter tag>.onnx` and a JSON sidecar
+(`.onnx.json`) written after it. The sidecar is the commit record: it names the weights' and
+the graph's sha256, the exporter version, whether the graph was verified against PyTorch and
+by how much they differed. A graph is used only if its sidecar matches the present weights and
+exporter and the file's sha256 matches the sidecar; anything else is rebuilt, never trusted.
+A load from a verified cache needs neither torch nor TorchXRayVision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import importlib.util
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import XrvdError
+from ..fsutil import fsync_path
+from ..log import get_logger
+from .registry import ModelSpec
+from .weights import sha256
+
+OPSET = 17
+# Bump when the export code changes what the graph computes: every cached export is rebuilt.
+EXPORT_REVISION = 1
+SIDECAR_FORMAT = 1
+# The largest difference from PyTorch's scores a graph may show on the check input.
+TOLERANCE = 1e-4
+INPUT, OUTPUT = "image", "scores"
+CHECK_BATCH = 3  # not the traced example's batch (2): the check also proves N is dynamic
+
+
+class ExportError(XrvdError):
+    """A model cannot be exported to ONNX, or the export does not match PyTorch."""
+
+    reason = "export_failed"
+
+
+def onnxruntime_installed() -> bool:
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def cuda_provider_available() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def exporter_version() -> str:
+    """What the graph depends on besides the weights (read without importing torch)."""
+    return (f"torch {_version('torch')}; torchxrayvision {_version('torchxrayvision')}; "
+            f"opset {OPSET}; xrvd export revision {EXPORT_REVISION}")
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def export_paths(spec: ModelSpec, weights_dir: Path, weights_sha256: str) -> tuple[Path, Path]:
+    """(graph, sidecar) for these weights and this exporter."""
+    tag = hashlib.sha256(exporter_version().encode()).hexdigest()[:12]
+    stem = f"{spec.name}.{weights_sha256[:16]}.{tag}"
+    folder = Path(weights_dir)
+    return folder / f"{stem}.onnx", folder / f"{stem}.onnx.json"
+
+
+# --- the cache -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cached:
+    """What the cache holds for one model: status is `absent`, `invalid` (rebuild it),
+    `verified` (use it) or `rejected` (exported before and found to differ from PyTorch)."""
+
+    status: str
+    path: Path
+    record: dict | None = None
+    reason: str | None = None
+
+
+def check_cache(spec: ModelSpec, weights_dir: Path, weights_sha256: str) -> Cached:
+    path, sidecar = export_paths(spec, weights_dir, weights_sha256)
+    if not sidecar.exists():
+        if path.exists():
+            return Cached("invalid", path, reason="graph without its sidecar (interrupted export?)")
+        return Cached("absent", path)
+    try:
+        record = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        return Cached("invalid", path, reason=f"sidecar unreadable ({type(exc).__name__})")
+    if not isinstance(record, dict) or record.get("format") != SIDECAR_FORMAT:
+        return Cached("invalid", path, reason="sidecar of an unknown format")
+    if record.get("weights_sha256") != weights_sha256:
+        return Cached("invalid", path, reason="sidecar is for other weights")
+    if record.get("exporter") != exporter_version():
+        return Cached("invalid", path, reason="sidecar is for another exporter version")
+    if record.get("verified") is not True:
+        return Cached("rejected", path, record)
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return Cached("invalid", path, reason="graph file missing")
+    if size != record.get("onnx_size") or sha256(path) != record.get("onnx_sha256"):
+        return Cached("invalid", path, reason="graph file does not match the sha256 in its "
+                      "sidecar (truncated or damaged)")
+    return Cached("verified", path, record)
+
+
+def _write_atomically(target: Path, data: bytes) -> None:
+    """Like fsutil.write_atomically, with a private temporary name: two processes exporting
+    the same model at once never write into the same temporary file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide it from the service's user
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_path(target.parent)
+
+
+def _remove_stale(spec: ModelSpec, keep: Path) -> None:
+    """Exports of this model for other weights or another exporter (they are never used)."""
+    for old in keep.parent.glob(f"{spec.name}.*.onnx*"):
+        if old.name not in (keep.name, keep.name + ".json") and old.suffix in (".onnx", ".json"):
+            with contextlib.suppress(OSError):
+                old.unlink()
+
+
+# --- running a graph -----------------------------------------------------------------------
+
+
+def make_session(model: Path | bytes, spec: ModelSpec, *, threads: int, device: str = "cpu"):
+    """An ONNX Runtime session for a graph of `spec`; raises if the graph is unusable."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = max(1, threads)
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only: ORT's warnings are not ours to show
+    providers = ["CPUExecutionProvider"]
+    if device == "cuda":
+        providers.insert(0, "CUDAExecutionProvider")
+    source = str(model) if isinstance(model, Path) else model
+    session = ort.InferenceSession(source, sess_options=options, providers=providers)
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    expected = [1, spec.resolution, spec.resolution]
+    if ([i.name for i in inputs] != [INPUT] or [o.name for o in outputs] != [OUTPUT]
+            or list(inputs[0].shape[1:]) != expected or len(outputs[0].shape) != 2
+            or isinstance(inputs[0].shape[0], int)):
+        raise ExportError(f"the graph is not a {spec.name} graph with a dynamic batch axis "
+                          f"(inputs {[(i.name, i.shape) for i in inputs]})")
+    return session
+
+
+def run(session, batch: np.ndarray) -> np.ndarray:
+    return session.run([OUTPUT], {INPUT: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+
+def check_input(resolution: int, n: int = CHECK_BATCH) -> np.ndarray:
+    """Deterministic smooth images in [-1024, 1024]: random 8x8 grids, bilinearly enlarged.
+    Smooth like radiographs, so that outputs are not saturated and differences show."""
+    rng = np.random.default_rng(7_2024)
+    coarse = rng.uniform(-1.0, 1.0, (n, 8, 8))
+    position = np.linspace(0.0, 7.0, resolution)
+    low = np.minimum(position.astype(int), 6)
+    w = position - low
+    rows = coarse[:, low, :] * (1 - w)[None, :, None] + coarse[:, low + 1, :] * w[None, :, None]
+    image = rows[:, :, low] * (1 - w) + rows[:, :, low + 1] * w
+    return (image * 1024).astype(np.float32)[:, None]
+
+
+def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest |a - b|; NaN in both places counts as equal, NaN in one as infinitely far."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        return math.inf
+    diff = np.abs(a - b)
+    diff[np.isnan(a) & np.isnan(b)] = 0.0
+    diff[np.isnan(diff)] = math.inf
+    return float(diff.max()) if diff.size else 0.0
+
+
+def torch_scores(network, batch: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        return network(torch.from_numpy(batch)).float().cpu().numpy()
+
+
+# --- exporting -----------------------------------------------------------------------------
+
+
+def export_graph(network, spec: ModelSpec) -> bytes:
+    """The ONNX graph of `network(x)` (legacy TorchScript exporter, opset 17)."""
+    import torch
+
+    example = torch.from_numpy(check_input(spec.resolution, 2))
+    buffer = io.BytesIO()
+    # The exporter's deprecation and tracer warnings concern its own future, not this graph
+    # (the check against PyTorch below is what proves the graph right).
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            network, (example,), buffer, dynamo=False, opset_version=OPSET,
+            input_names=[INPUT], output_names=[OUTPUT], do_constant_folding=True,
+            dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+        )
+    return buffer.getvalue()
+
+
+@dataclass
+class Built:
+    session: Any  # onnxruntime.InferenceSession, or None when the graph was rejected
+    record: dict
+    path: Path | None  # where it is cached; None if it could not be written
+
+    @property
+    def verified(self) -> bool:
+        return bool(self.record["verified"])
+
+
+def build(spec: ModelSpec, network, *, weights_path: Path, weights_sha256: str,
+          untrained: str | None, threads: int, device: str = "cpu") -> Built:
+    """Export `network`, check it against PyTorch on the check input, and cache the result.
+
+    The sidecar is written either way, so a graph that differs from PyTorch is not exported
+    again at every start; its graph file is not kept. Raises ExportError if the export or a
+    session on its graph fails (nothing is cached then)."""
+    import torchxrayvision as xrv
+
+    log = get_logger(model=spec.name)
+    started = time.perf_counter()
+    try:
+        graph = export_graph(network, spec)
+        session = make_session(graph, spec, threads=threads)
+    except Exception as exc:
+        raise ExportError(f"{spec.name}: cannot export to ONNX ({type(exc).__name__}: "
+                          f"{str(exc)[:300]})") from exc
+    batch = check_input(spec.resolution)
+    reference = torch_scores(network, batch)
+    difference = max_abs_diff(run(session, batch), reference)
+    verified = difference <= TOLERANCE
+    path, sidecar = export_paths(spec, weights_path.parent, weights_sha256)
+    record = {
+        "format": SIDECAR_FORMAT,
+        "model": spec.name,
+        "weights_file": spec.weights_file,
+        "weights_sha256": weights_sha256,
+        "untrained": untrained,
+        "torchxrayvision_version": xrv.__version__,
+        "exporter": exporter_version(),
+        "onnx_file": path.name,
+        "onnx_sha256": hashlib.sha256(graph).hexdigest() if verified else None,
+        "onnx_size": len(graph) if verified else None,
+        "verified": verified,
+        "max_abs_diff": difference if math.isfinite(difference) else None,
+        "tolerance": TOLERANCE,
+        "check_input": f"{CHECK_BATCH} smooth images at {spec.resolution} px (seeded)",
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    try:
+        if verified:
+            _write_atomically(path, graph)
+        _write_atomically(sidecar, json.dumps(record, indent=2).encode())
+        _remove_stale(spec, path)
+    except OSError as exc:
+        log.warning("model.export_not_cached", folder=str(path.parent),
+                    error=exc.strerror or str(exc),
+                    detail="the weights folder is not writable: the model is exported again "
+                    "at every start; run `xrvd models export` where it is writable")
+        path = None
+    log.info("model.exported", path=str(path) if path else None, verified=verified,
+             max_abs_diff=record["max_abs_diff"], size_bytes=len(graph),
+             duration_s=round(time.perf_counter() - started, 3))
+    if verified:
+        if device != "cpu":  # the check ran on the CPU; serve on the configured device
+            session = make_session(graph, spec, threads=threads, device=device)
+        return Built(session, record, path)
+    return Built(None, record, path)
