@@ -1,4 +1,5 @@
-"""`xrvd models list|fetch|import`: what is installed, and getting weights in place."""
+"""`xrvd models list|fetch|import|export`: what is installed, getting weights in place, and
+building the ONNX Runtime graphs ahead of time."""
 
 from __future__ import annotations
 
@@ -66,3 +67,35 @@ def fetch(name: str, weights_dir: Path, base_url: str | None) -> Path:
 
 def import_weights(name: str, source: Path, weights_dir: Path) -> Path:
     return weights.import_file(get_spec(name), source, weights_dir)
+
+
+def export(name: str, weights_dir: Path, *, threads: int = 0, force: bool = False) -> dict:
+    """Build (or find) the verified ONNX graph of a model; its sidecar record plus `path`.
+
+    Untrained weights are exported only where running them is allowed (see untrained.py)."""
+    from .pipeline import onnxrt
+    from .pipeline.models import available_cpus, refuse_untrained
+    from .pipeline.untrained import untrained_allowed_by_environment
+
+    spec = get_spec(name)
+    path = weights.require(spec, weights_dir)
+    digest = weights.sha256(path)
+    cached = onnxrt.check_cache(spec, path.parent, digest)
+    allowed = untrained_allowed_by_environment()
+    if cached.status == "verified" and not force:
+        refuse_untrained(spec, path, cached.record.get("untrained"), allowed)
+        return {**cached.record, "path": str(cached.path)}
+    loaded = weights.load_network(spec, path)
+    refuse_untrained(spec, path, loaded.untrained, allowed)
+    built = onnxrt.build(spec, loaded.network, weights_path=path, weights_sha256=digest,
+                         untrained=loaded.untrained, threads=threads or available_cpus())
+    if not built.verified:
+        difference = built.record["max_abs_diff"]
+        raise onnxrt.ExportError(
+            f"{name}: the ONNX graph's scores differ from PyTorch's by "
+            f"{'an unbounded amount' if difference is None else f'{difference:.2e}'} (more than "
+            f"{onnxrt.TOLERANCE}); xrvd runs this model with PyTorch (model.backend: torch)")
+    if built.path is None:
+        raise onnxrt.ExportError(f"{name}: cannot write the ONNX graph into {path.parent}; "
+                                 "make the weights folder writable and run this again")
+    return {**built.record, "path": str(built.path)}
