@@ -116,6 +116,8 @@ def check_cache(spec: ModelSpec, weights_dir: Path, weights_sha256: str) -> Cach
         return Cached("invalid", path, reason="sidecar is for other weights")
     if record.get("exporter") != exporter_version():
         return Cached("invalid", path, reason="sidecar is for another exporter version")
+    if not isinstance(record.get("torchxrayvision_version"), str):
+        return Cached("invalid", path, reason="sidecar incomplete")
     if record.get("verified") is not True:
         return Cached("rejected", path, record)
     try:
