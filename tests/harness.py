@@ -26,9 +26,15 @@ Event = dict
 
 
 class DaemonProcess:
-    def __init__(self, config_path: Path, state_dir: Path):
+    """`xrvd serve` by default; any other xrvd command (back-fill) with `command` and
+    ready=None (start returns at once instead of waiting for daemon.ready)."""
+
+    def __init__(self, config_path: Path, state_dir: Path, command: tuple[str, ...] = ("serve",),
+                 ready: str | None = "daemon.ready"):
         self.config_path = config_path
         self.state_dir = state_dir
+        self.command = command
+        self.ready = ready
         self.events: list[Event] = []
         self.stderr = ""
         self._cond = threading.Condition()
@@ -43,14 +49,22 @@ class DaemonProcess:
         env = dict(os.environ, **{ALLOW_UNTRAINED_ENV: "yes-these-scores-are-meaningless",
                                   "PYTHONUNBUFFERED": "1"}, **(env or {}))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "xrvd", "serve", "-c", str(self.config_path)],
+            [sys.executable, "-m", "xrvd", *self.command, "-c", str(self.config_path)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self._stderr_reader = threading.Thread(target=self._read_stderr, daemon=True)
         self._stderr_reader.start()
-        self.wait_for("daemon.ready", timeout=timeout)
+        if self.ready:
+            self.wait_for(self.ready, timeout=timeout)
         return self
+
+    def wait(self, timeout: float = 300) -> int:
+        """The exit code of a command that ends by itself."""
+        assert self.proc is not None
+        code = self.proc.wait(timeout=timeout)
+        self._join()
+        return code
 
     def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -92,6 +106,11 @@ class DaemonProcess:
         if self._reader is not None:
             self._reader.join(timeout=10)
             self._stderr_reader.join(timeout=10)
+        # Closing a pipe that a reader thread is still blocked on deadlocks; a reader still
+        # blocked here means a descendant of the process holds the pipe open.
+        readers = (self._reader, self._stderr_reader)
+        assert not any(r is not None and r.is_alive() for r in readers), \
+            "the process ended but its output is held open by a leftover child process"
         for stream in (self.proc.stdout, self.proc.stderr):
             if stream:
                 stream.close()

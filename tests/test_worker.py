@@ -13,7 +13,8 @@ from xrvd.config import Config, ScpConfig
 from xrvd.ingest.scp import StorageSCP
 from xrvd.pipeline.models import Classifier
 from xrvd.store import Store
-from xrvd.worker import Worker, safe_name
+from xrvd.reportwriter import safe_name
+from xrvd.worker import Worker
 
 from .conftest import NIH_SC
 from .harness import copy_with_new_uids

@@ -34,6 +34,21 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
+    return int(text)
+
+
+def _date(text: str):
+    from .backfill import parse_date
+
+    try:
+        return parse_date(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .classify import FORMATS
     from .pipeline.registry import MODELS
@@ -117,6 +132,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the daemon: receive, classify, report (until SIGTERM)")
     sub.add_parser("demo", parents=[common],
                    help="classify the bundled sample chest X-ray end to end")
+    backfill = sub.add_parser(
+        "backfill", parents=[common], help="classify an existing archive (resumable)",
+        description="Crawl folders (and DICOMDIR media) and run every file through the daemon's "
+        "stages: journal, selection, classification, report. Files are read in place, never "
+        "changed. Interrupt it at any point and run the same command again to go on.")
+    backfill.add_argument("paths", nargs="+", type=Path, metavar="PATH",
+                          help="folders, files or DICOMDIR files")
+    backfill.add_argument("-r", "--recursive", action="store_true",
+                          help="walk sub-folders too")
+    backfill.add_argument("--dry-run", action="store_true",
+                          help="show what would be classified and why each file would be "
+                          "skipped; classify and journal nothing")
+    backfill.add_argument("--limit", type=_positive_int, metavar="N",
+                          help="take at most N new files from the crawl")
+    backfill.add_argument("--since", type=_date, metavar="DATE",
+                          help="only studies from this date on (YYYY-MM-DD; by StudyDate)")
+    backfill.add_argument("--workers", type=_non_negative_int, metavar="N",
+                          help="processes decoding and converting images (default: the cores "
+                          "available; 0: in the main process)")
+    export = sub.add_parser(
+        "export", parents=[common], help="write results as CSV, JSON Lines or Parquet",
+        description="One row per classified image (its current result): UIDs, view, model, "
+        "every label's score and call, timestamps.")
+    export.add_argument("out", metavar="OUT", help="output file ('-': stdout, csv/jsonl only)")
+    export.add_argument("--format", choices=("csv", "jsonl", "parquet"), default=None,
+                        help="default: from OUT's extension, else csv")
+    export.add_argument("--since", type=_date, metavar="DATE",
+                        help="only images classified on or after this date (YYYY-MM-DD)")
+    export.add_argument("-m", "--model", choices=list(MODELS), metavar="NAME",
+                        help="only this model's results")
     return parser
 
 
@@ -133,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("xrvd: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `xrvd export - | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -160,6 +208,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .demo import run_demo
 
         return run_demo(config)
+    if args.command == "backfill":
+        return _backfill(args, config)
+    if args.command == "export":
+        return _export(args, config)
     return _models(args, config)
 
 
@@ -182,6 +234,28 @@ def _classify(args: argparse.Namespace, config) -> int:
         print(f"xrvd: {len(failed)} of {len(results)} file(s) could not be classified",
               file=sys.stderr)
         return EXIT_PARTIAL
+    return EXIT_OK
+
+
+def _backfill(args: argparse.Namespace, config) -> int:
+    from .backfill import BackfillRequest, run_backfill
+    from .pipeline.models import available_cpus
+
+    request = BackfillRequest(
+        paths=tuple(args.paths), recursive=args.recursive, dry_run=args.dry_run,
+        limit=args.limit, since=args.since,
+        workers=available_cpus() if args.workers is None else args.workers)
+    return run_backfill(config, request)
+
+
+def _export(args: argparse.Namespace, config) -> int:
+    from .export import export
+
+    fmt = args.format or {".jsonl": "jsonl", ".parquet": "parquet"}.get(
+        Path(args.out).suffix.lower(), "csv")
+    count = export(config.state_dir, args.out, fmt, since=args.since, model=args.model,
+                   default_threshold=config.model.threshold)
+    print(f"xrvd: exported {count} classified image(s) to {args.out} ({fmt})", file=sys.stderr)
     return EXIT_OK
 
 

@@ -22,6 +22,7 @@ from .errors import ConfigError, XrvdError
 from .ingest.scp import StorageSCP
 from .ingest.watch import DropFolderWatcher
 from .pipeline.models import Classifier
+from .fsutil import StateDirLock
 from .store import Store
 from .systemd import Notifier
 from .worker import Worker
@@ -55,6 +56,7 @@ class Daemon:
         self.metrics_server: metrics.MetricsServer | None = None
         self.deliverer: Deliverer | None = None
         self.model_name = config.model.name
+        self.lock = StateDirLock(config.state_dir, "serve")
 
     # --- start and stop -----------------------------------------------------------------
 
@@ -62,6 +64,7 @@ class Daemon:
         config = self.config
         started = time.perf_counter()
         config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
         self.store = Store(config.state_dir)
         recovered = self.store.recover()
         self.log.info("journal.recovered", state_dir=str(config.state_dir), **recovered)
@@ -109,6 +112,7 @@ class Daemon:
             self.metrics_server.stop()
         if self.store is not None:
             self.store.close()
+        self.lock.release()
         self.log.info("daemon.stopped")
         self.notifier.close()
 

@@ -103,3 +103,11 @@ class NonFiniteScoresError(ImageError):
     """The model produced NaN or infinite scores for this image: never report those."""
 
     reason = "non_finite_scores"
+
+
+class StateDirBusyError(XrvdError):
+    """Another xrvd process (serve or backfill) is using the same state directory."""
+
+
+class CrawlError(XrvdError):
+    """A path given to `xrvd backfill` cannot be crawled."""

@@ -1,5 +1,10 @@
 """The classification worker: claims settled studies from the journal and runs the pipeline
-(select -> convert -> classify, images of several studies sharing a batch) on them.
+(select -> convert -> classify, images of several studies sharing a batch -> report) on them.
+
+A round has three steps, `begin` (prepare the instances), `complete` (classify, start writing
+the reports) and `finish` (record them), each handing its jobs to a `Submit`: the daemon runs
+them in this thread, one after the other; a back-fill runs preparing and writing in a pool of
+processes, overlapping with the model's work on the next round.
 
 A result is written under a name fixed by (study, model, weights, generation) and recorded in
 the same step that closes the run, so a crash at any point re-does the run and replaces the
@@ -8,40 +13,35 @@ same file: never two results for one study and model.
 
 from __future__ import annotations
 
-import io
-import json
-import re
+import functools
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
 
 from . import metrics
 from .config import Config
-from .errors import ImageError
-from .fsutil import write_atomically
 from .log import get_logger
-from .pipeline.convert import ConvertOptions, prepare_dataset
+from .pipeline.convert import ConvertOptions
 from .pipeline.models import Classifier
-from .pipeline.read import read_dicom
-from .pipeline.report import build_report
-from .pipeline.select import SelectRules, select
+from .pipeline.prepare import PrepareJob, Prepared, prepare_instance
+from .pipeline.report import FINDING_CODES, read_findings
+from .pipeline.select import SelectRules
+from .reportwriter import (
+    OutputSettings,
+    ReportJob,
+    ReportWritten,
+    report_stem,
+    safe_name,
+    write_report,
+)
 from .store import InstanceRow, Store, StudyClaim
-
-_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
-
-
-def safe_name(uid: str) -> str:
-    """A file name for a UID: the UID itself when it is a well-formed one, else a hash."""
-    if len(uid) <= 64 and _UID.fullmatch(uid):
-        return uid
-    import hashlib
-
-    return "x" + hashlib.sha256(uid.encode()).hexdigest()[:40]
 
 
 @dataclass
@@ -50,6 +50,44 @@ class _StudyWork:
     started: float
     selected: list[tuple[InstanceRow, pydicom.Dataset, np.ndarray]] = field(default_factory=list)
     skipped: int = 0
+    error: str | None = None
+    scores: dict[int, dict[str, float]] = field(default_factory=dict)  # instance id -> ...
+    sources: list[tuple[InstanceRow, pydicom.Dataset]] = field(default_factory=list)
+
+
+# Hands jobs to whatever runs them (this thread, a pool); returns how to collect the results.
+Submit = Callable[[Callable[[Any], Any], list[Any]], Callable[[], list[Any]]]
+
+
+def run_here(function: Callable[[Any], Any], jobs: list[Any]) -> Callable[[], list[Any]]:
+    results = [function(job) for job in jobs]
+    return lambda: results
+
+
+@dataclass
+class Round:
+    work: list[_StudyWork]
+    rows: list[tuple[_StudyWork, InstanceRow]]
+    results: Callable[[], list[Prepared]]
+
+
+@dataclass
+class Reporting:
+    work: list[_StudyWork]
+    reported: list[_StudyWork]  # those with a report being written, in job order
+    results: Callable[[], list[ReportWritten]]
+
+
+def select_rules(config: Config) -> SelectRules:
+    chosen = config.select
+    return SelectRules(
+        modalities=tuple(m.upper() for m in chosen.modalities),
+        views=tuple(v.upper() for v in chosen.views),
+        classify_missing_view=chosen.classify_missing_view,
+        body_parts=tuple(b.upper() for b in chosen.body_parts),
+        classify_missing_body_part=chosen.classify_missing_body_part,
+        min_size=chosen.min_size,
+    )
 
 
 class Worker:
@@ -66,18 +104,15 @@ class Worker:
         self._thread = threading.Thread(target=self._run, name="xrvd-worker", daemon=True)
         self.heartbeat = time.monotonic()
         self.busy_since: float | None = None
+        # What this worker has done, for a caller's progress display: "classified", "adopted"
+        # (images with a report already in the output folder), "failed" (images),
+        # "reported", "already_reported", "failed_studies", "skipped:<reason>".
+        self.tally: Counter[str] = Counter()
 
     def apply(self, config: Config) -> None:
         """Take a reloaded config: thresholds, selection rules, settling, batch size."""
         self.config = config
-        self.rules = SelectRules(
-            modalities=tuple(m.upper() for m in config.select.modalities),
-            views=tuple(v.upper() for v in config.select.views),
-            classify_missing_view=config.select.classify_missing_view,
-            body_parts=tuple(b.upper() for b in config.select.body_parts),
-            classify_missing_body_part=config.select.classify_missing_body_part,
-            min_size=config.select.min_size,
-        )
+        self.rules = select_rules(config)
 
     def start(self) -> None:
         self._thread.start()
@@ -120,73 +155,152 @@ class Worker:
 
     # --- one round: several studies, shared batches -------------------------------------
 
+    def prepare_function(self) -> Callable[[PrepareJob], Prepared]:
+        """The per-instance stage with this worker's rules bound (picklable, for a pool)."""
+        return functools.partial(prepare_instance, rules=self.rules, options=self.options,
+                                 resolution=self.classifier.resolution)
+
     def process(self, claims: list[StudyClaim]) -> None:
-        work = []
+        self.finish(self.complete(self.begin(claims)))
+
+    def begin(self, claims: list[StudyClaim], submit: Submit = run_here) -> Round:
+        """List the claimed studies' instances and hand them to `submit` for preparing;
+        `complete` collects the results. Splitting the two lets a caller with a process pool
+        prepare the next round while this one is being classified."""
+        work: list[_StudyWork] = []
+        rows: list[tuple[_StudyWork, InstanceRow]] = []
         for claim in claims:
             self.log.info("study.settled", study_instance_uid=claim.study_uid,
                           generation=claim.generation)
             item = _StudyWork(claim, time.perf_counter())
             try:
-                self._select_and_convert(item)
+                rows.extend((item, row) for row in self.store.study_instances(claim.study_id))
             except Exception as exc:  # noqa: BLE001 - one study never stops the others
                 self._fail(claim, f"{type(exc).__name__}: {exc}")
                 continue
             work.append(item)
+        jobs = [PrepareJob(row.id, str(row.path)) for _, row in rows]
+        return Round(work, rows, submit(self.prepare_function(), jobs))
+
+    def complete(self, round_: Round, submit: Submit = run_here) -> Reporting:
+        """Classify a prepared round and hand its reports to `submit` for writing; `finish`
+        records them. A caller with a pool writes one round's reports while the model
+        classifies the next."""
+        for (item, row), prepared in zip(round_.rows, round_.results(), strict=True):
+            if prepared.error is not None:
+                item.error = item.error or prepared.error
+            elif prepared.skip_reason is not None:
+                self._skip(item, row, prepared.skip_reason, prepared.skip_detail)
+            else:
+                item.selected.append((row, prepared.header, prepared.array))
+        work = []
+        for item in round_.work:
+            if item.error is not None:
+                self._fail(item.claim, item.error)
+            elif not self._adopt_existing_report(item):
+                work.append(item)
         inputs = [(item, row, ds, array) for item in work for row, ds, array in item.selected]
         scores = self.classifier.predict_many([array for *_, array in inputs],
                                               self.config.model.batch_size) if inputs else []
-        per_study: dict[int, dict[int, dict[str, float]]] = {item.claim.run_id: {}
-                                                            for item in work}
-        sources: dict[int, list[tuple[InstanceRow, pydicom.Dataset]]] = {
-            item.claim.run_id: [] for item in work}
+        for item in work:
+            item.selected = []  # the arrays are not needed any more
         for (item, row, ds, _), row_scores in zip(inputs, scores, strict=True):
             if not np.all(np.isfinite(row_scores)):
                 self.store.mark_instance(row.id, "failed", "non_finite_scores")
+                self.tally["failed"] += 1
                 self.log.warning("instance.failed", sop_instance_uid=row.sop_uid,
                                  reason="non_finite_scores")
                 continue
-            per_study[item.claim.run_id][row.id] = {
+            item.scores[row.id] = {
                 label: float(score)
                 for label, score in zip(self.classifier.labels, row_scores, strict=True)}
-            sources[item.claim.run_id].append((row, ds))
-        for item in work:
+            item.sources.append((row, ds))
+        reported = [item for item in work if item.scores]
+        jobs = [self._report_job(item) for item in reported]
+        return Reporting(work, reported, submit(write_report, jobs))
+
+    def finish(self, reporting: Reporting) -> None:
+        written = dict(zip((id(item) for item in reporting.reported), reporting.results(),
+                           strict=True))
+        for item in reporting.work:
+            outcome = written.get(id(item))
             try:
-                self._finish(item, per_study[item.claim.run_id], sources[item.claim.run_id])
+                if outcome is not None and outcome.error is not None:
+                    raise RuntimeError(f"report not written: {outcome.error}")
+                self._finish(item, outcome)
             except Exception as exc:  # noqa: BLE001
                 self._fail(item.claim, f"{type(exc).__name__}: {exc}")
 
-    def _select_and_convert(self, item: _StudyWork) -> None:
-        for row in self.store.study_instances(item.claim.study_id):
-            try:
-                header = pydicom.dcmread(row.path, stop_before_pixels=True, force=True)
-                choice = select(header, self.rules)
-                if not choice.classify:
-                    self._skip(item, row, choice.reason or "not_selected", choice.detail)
-                    continue
-                ds = read_dicom(row.path)
-                array = prepare_dataset(ds, self.classifier.resolution, self.options,
-                                        row.path).array
-            except ImageError as exc:
-                self._skip(item, row, exc.reason, exc.detail)
-                continue
-            item.selected.append((row, ds, array))
+    def _report_job(self, item: _StudyWork) -> ReportJob:
+        output = self.config.output
+        return ReportJob(
+            study_uid=item.claim.study_uid, generation=item.claim.generation,
+            sources=[ds for _, ds in item.sources],
+            scores={row.sop_uid: item.scores[row.id] for row, _ in item.sources},
+            identity=self.classifier.identity, threshold=self.config.model.threshold,
+            output=OutputSettings(Path(output.folder), output.sr_flavour, output.series_number,
+                                  output.series_description, output.json_sidecar),
+            predecessor=self.store.previous_result(item.claim))
+
+    def _adopt_existing_report(self, item: _StudyWork) -> bool:
+        """A report by this model and weights already in the output folder that covers every
+        image selected now (the journal was reset, or a crash came between writing the report
+        and recording it): record its scores instead of writing a second report."""
+        if not item.selected:
+            return False
+        identity = self.classifier.identity
+        folder = Path(self.config.output.folder) / safe_name(item.claim.study_uid)
+        prefix = report_stem(identity, "")
+        candidates = sorted(folder.glob(f"{prefix}*.dcm"),
+                            key=lambda p: int(p.stem[len(prefix):] or 0)
+                            if p.stem[len(prefix):].isdigit() else -1)
+        if not candidates:
+            return False
+        try:
+            findings = read_findings(pydicom.dcmread(candidates[-1]))
+        except Exception as exc:  # noqa: BLE001 - unreadable: classify as if it were not there
+            self.log.warning("report.existing_unreadable", path=str(candidates[-1]),
+                             error=repr(exc))
+            return False
+        labels = {meaning: label for label, (_, _, meaning) in FINDING_CODES.items()}
+        scores: dict[int, dict[str, float]] = {}
+        for row, _, _ in item.selected:
+            if row.sop_uid not in findings:
+                return False
+            scores[row.id] = {labels.get(meaning, meaning): score
+                              for meaning, (score, _) in findings[row.sop_uid].items()}
+        state = self.store.finish_run(
+            item.claim, scores, candidates[-1], [d.name for d in self.config.destinations],
+            threshold=self.config.model.threshold, untrained=identity.untrained)
+        self.tally["adopted"] += len(scores)
+        self.tally["already_reported"] += 1
+        self.log.info("study.already_reported", study_instance_uid=item.claim.study_uid,
+                      result=str(candidates[-1]), classified=len(scores), next_state=state)
+        return True
 
     def _skip(self, item: _StudyWork, row: InstanceRow, reason: str, detail: str) -> None:
         item.skipped += 1
+        self.tally[f"skipped:{reason}"] += 1
         metrics.SKIPPED.labels(reason).inc()
         self.store.mark_instance(row.id, "skipped", reason)
         self.log.info("instance.skipped", sop_instance_uid=row.sop_uid,
                       study_instance_uid=item.claim.study_uid, reason=reason, detail=detail)
 
-    def _finish(self, item: _StudyWork, scores: dict[int, dict[str, float]],
-                sources: list[tuple[InstanceRow, pydicom.Dataset]]) -> None:
-        claim = item.claim
-        result_path = self._write_result(claim, scores, sources) if scores else None
-        state = self.store.finish_run(claim, scores, result_path,
-                                      [d.name for d in self.config.destinations])
+    def _finish(self, item: _StudyWork, written: ReportWritten | None) -> None:
+        claim, scores = item.claim, item.scores
+        result_path = Path(written.path) if written is not None else None
+        if written is not None:
+            self.log.info("report.written", study_instance_uid=claim.study_uid,
+                          path=written.path, sop_instance_uid=written.sop_instance_uid)
+        state = self.store.finish_run(
+            claim, scores, result_path, [d.name for d in self.config.destinations],
+            threshold=self.config.model.threshold,
+            untrained=self.classifier.identity.untrained)
         if result_path is not None and self.config.destinations:
             self.on_report()
         metrics.CLASSIFIED.inc(len(scores))
+        self.tally["classified"] += len(scores)
+        self.tally["reported"] += result_path is not None
         if result_path is not None:
             metrics.REPORTED.inc()
         metrics.CLASSIFY_SECONDS.observe(time.perf_counter() - item.started)
@@ -202,71 +316,9 @@ class Worker:
 
     def _fail(self, claim: StudyClaim, reason: str) -> None:
         metrics.FAILED.inc()
+        self.tally["failed_studies"] += 1
         state = self.store.fail_attempt(claim, reason, self.config.study.max_attempts,
                                         self.config.study.retry_seconds)
         event = "study.failed" if state == "failed" else "study.retry"
         self.log.error(event, study_instance_uid=claim.study_uid, reason=reason,
                        attempt=claim.attempts + 1)
-
-    def _write_result(self, claim: StudyClaim, scores: dict[int, dict[str, float]],
-                      sources: list[tuple[InstanceRow, pydicom.Dataset]]) -> Path:
-        """The study's Structured Report (and optional JSON sidecar), written atomically
-        under names fixed by the run: a crash and a re-run replace, never add."""
-        identity = self.classifier.identity
-        output = self.config.output
-        threshold = self.config.model.threshold
-        by_uid = {row.sop_uid: scores[row.id] for row, _ in sources}
-        sr = build_report(
-            [ds for _, ds in sources], by_uid, identity, threshold,
-            generation=claim.generation, flavour=output.sr_flavour,
-            series_number=output.series_number, series_description=output.series_description,
-            predecessor=self._predecessor(claim))
-        folder = Path(output.folder) / safe_name(claim.study_uid)
-        folder.mkdir(parents=True, exist_ok=True)
-        stem = f"{identity.name}-{identity.weights_sha256[:12]}-g{claim.generation}"
-        target = folder / f"{stem}.dcm"
-        buffer = io.BytesIO()
-        sr.save_as(buffer, enforce_file_format=True)
-        write_atomically(target, buffer.getvalue())
-        if output.json_sidecar:
-            write_atomically(folder / f"{stem}.json",
-                             json.dumps(self._sidecar(claim, sr, scores, sources),
-                                        indent=2).encode())
-        self.log.info("report.written", study_instance_uid=claim.study_uid, path=str(target),
-                      sop_instance_uid=str(sr.SOPInstanceUID))
-        return target
-
-    def _predecessor(self, claim: StudyClaim) -> pydicom.Dataset | None:
-        """The report of this study's previous run by the same model, if there was one."""
-        path = self.store.previous_result(claim)
-        if path is None or not Path(path).is_file():
-            return None
-        return pydicom.dcmread(path, stop_before_pixels=True)
-
-    def _sidecar(self, claim: StudyClaim, sr: pydicom.Dataset,
-                 scores: dict[int, dict[str, float]],
-                 sources: list[tuple[InstanceRow, pydicom.Dataset]]) -> dict:
-        identity = self.classifier.identity
-        threshold = self.config.model.threshold
-        return {
-            "study_instance_uid": claim.study_uid,
-            "generation": claim.generation,
-            "report_sop_instance_uid": str(sr.SOPInstanceUID),
-            "model": identity.name,
-            "weights_sha256": identity.weights_sha256,
-            "untrained": identity.untrained,
-            "threshold": threshold,
-            "images": [
-                {
-                    "sop_instance_uid": row.sop_uid,
-                    "series_instance_uid": str(ds.get("SeriesInstanceUID", "")),
-                    "view": str(ds.get("ViewPosition", "") or ""),
-                    "findings": [
-                        {"label": label, "score": round(score, 6),
-                         "positive": score >= threshold}
-                        for label, score in sorted(scores[row.id].items(),
-                                                   key=lambda kv: kv[1], reverse=True)],
-                }
-                for row, ds in sources
-            ],
-        }

@@ -24,7 +24,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..fsutil import fsync_path
-from ..pipeline.select import never_classified
+from ..pipeline.select import never_classified, view_of
+from .archive import ArchiveMixin
 from .records import (
     SCHEMA,
     InstanceRow,
@@ -33,11 +34,12 @@ from .records import (
     StoreOutcome,
     StudyClaim,
     content_digest,
+    migrate,
     read_header,
 )
 
 
-class Store:
+class Store(ArchiveMixin):
     def __init__(self, state_dir: Path):
         self.state_dir = Path(state_dir)
         self.spool = self.state_dir / "spool"
@@ -49,6 +51,7 @@ class Store:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        migrate(self._db)
         self._lock = threading.RLock()
         self._work = threading.Condition(self._lock)
         self._open_associations: dict[str, set[str]] = {}
@@ -151,7 +154,10 @@ class Store:
             return None
         instance_id, version, digest, path = row
         if digest is None:
-            digest = content_digest(self.spool / path)
+            try:
+                digest = content_digest(self.spool / path)
+            except OSError:  # an archive file read in place has gone: nothing to compare
+                return instance_id, version, ""
             db.execute("UPDATE instances SET content_sha256 = ? WHERE id = ?",
                        (digest, instance_id))
         return instance_id, version, digest
@@ -163,51 +169,58 @@ class Store:
 
     def _journal_instance(self, ds, study_uid, sop_uid, digest, target, size,
                           source) -> StoreOutcome:
-        now = time.time()
         with self._transaction() as db:
-            study = db.execute("SELECT id, state FROM studies WHERE study_uid = ?",
-                               (study_uid,)).fetchone()
-            skip_reason = None
-            if study is None:
-                study_id = db.execute(
-                    "INSERT INTO studies(study_uid, state, last_instance_at, updated_at) "
-                    "VALUES (?, 'receiving', ?, ?)", (study_uid, now, now)).lastrowid
-                self._transition(db, "study", study_id, "receiving")
-            else:
-                study_id, state = study
-                skip_reason = never_classified(ds) if state != "receiving" else None
-                if skip_reason is None and state in ("classified", "failed", "processing"):
-                    # Late images: the study is run again (a processing run finishes first).
-                    db.execute("UPDATE studies SET generation = generation + 1, attempts = 0, "
-                               "state = CASE state WHEN 'processing' THEN 'processing' "
-                               "ELSE 'receiving' END WHERE id = ?", (study_id,))
-                    self._transition(db, "study", study_id, "receiving", "new_instance")
-                if skip_reason is None:
-                    db.execute("UPDATE studies SET last_instance_at = ?, updated_at = ? "
-                               "WHERE id = ?", (now, now, study_id))
-            previous = self._latest_digest(db, sop_uid)
-            if previous is not None and digest is None:
-                digest = content_digest(target)  # raced with another copy: compare now
-            if previous is not None and previous[2] == digest:
+            return self._journal(db, ds, study_uid, sop_uid, digest, target, size, source)
+
+    def _journal(self, db, ds, study_uid: str, sop_uid: str, digest: str | None, target: Path,
+                 size: int, source: str, *, in_place: bool = False) -> StoreOutcome:
+        """Journal one instance inside the caller's transaction. in_place: the file stays where
+        it is (an archive being back-filled) and is recorded by its absolute path."""
+        now = time.time()
+        study = db.execute("SELECT id, state FROM studies WHERE study_uid = ?",
+                           (study_uid,)).fetchone()
+        skip_reason = None
+        if study is None:
+            study_id = db.execute(
+                "INSERT INTO studies(study_uid, state, last_instance_at, updated_at) "
+                "VALUES (?, 'receiving', ?, ?)", (study_uid, now, now)).lastrowid
+            self._transition(db, "study", study_id, "receiving")
+        else:
+            study_id, state = study
+            skip_reason = never_classified(ds) if state != "receiving" else None
+            if skip_reason is None and state in ("classified", "failed", "processing"):
+                # Late images: the study is run again (a processing run finishes first).
+                db.execute("UPDATE studies SET generation = generation + 1, attempts = 0, "
+                           "state = CASE state WHEN 'processing' THEN 'processing' "
+                           "ELSE 'receiving' END WHERE id = ?", (study_id,))
+                self._transition(db, "study", study_id, "receiving", "new_instance")
+            if skip_reason is None:
+                db.execute("UPDATE studies SET last_instance_at = ?, updated_at = ? "
+                           "WHERE id = ?", (now, now, study_id))
+        previous = self._latest_digest(db, sop_uid)
+        if previous is not None and digest is None:
+            digest = content_digest(target)  # raced with another copy: compare now
+        if previous is not None and previous[2] == digest:
+            if not in_place:
                 os.unlink(target)  # raced with an identical copy
-                return StoreOutcome("duplicate", None, study_uid, sop_uid)
-            version = 1 if previous is None else previous[1] + 1
-            if previous is not None:
-                db.execute("UPDATE instances SET state = 'superseded', updated_at = ? "
-                           "WHERE id = ?", (now, previous[0]))
-                self._transition(db, "instance", previous[0], "superseded", "new_version")
-            instance_id = db.execute(
-                "INSERT INTO instances(study_id, sop_uid, version, series_uid, sop_class_uid, "
-                "content_sha256, path, size, source, state, received_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (study_id, sop_uid, version, str(ds.get("SeriesInstanceUID", "")),
-                 str(ds.get("SOPClassUID", "")), digest,
-                 str(target.relative_to(self.spool)), size, source,
-                 "skipped" if skip_reason else "stored", now, now)).lastrowid
-            db.execute("UPDATE instances SET reason = ? WHERE id = ?", (skip_reason, instance_id))
-            self._transition(db, "instance", instance_id, "stored", source)
-            if skip_reason:
-                self._transition(db, "instance", instance_id, "skipped", skip_reason)
+            return StoreOutcome("duplicate", None, study_uid, sop_uid)
+        version = 1 if previous is None else previous[1] + 1
+        if previous is not None:
+            db.execute("UPDATE instances SET state = 'superseded', updated_at = ? "
+                       "WHERE id = ?", (now, previous[0]))
+            self._transition(db, "instance", previous[0], "superseded", "new_version")
+        stored_path = str(target.resolve() if in_place else target.relative_to(self.spool))
+        instance_id = db.execute(
+            "INSERT INTO instances(study_id, sop_uid, version, series_uid, sop_class_uid, "
+            "content_sha256, path, size, source, state, reason, received_at, updated_at, "
+            "view) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (study_id, sop_uid, version, str(ds.get("SeriesInstanceUID", "")),
+             str(ds.get("SOPClassUID", "")), digest, stored_path, size, source,
+             "skipped" if skip_reason else "stored", skip_reason, now, now,
+             view_of(ds) or None)).lastrowid
+        self._transition(db, "instance", instance_id, "stored", source)
+        if skip_reason:
+            self._transition(db, "instance", instance_id, "skipped", skip_reason)
         return StoreOutcome("stored" if version == 1 else "new_version", instance_id,
                             study_uid, sop_uid, skip_reason)
 
@@ -306,7 +319,8 @@ class Store:
             self._transition(db, "instance", instance_id, state, reason)
 
     def finish_run(self, claim: StudyClaim, scores: dict[int, dict[str, float]],
-                   result_path: Path | None, destinations: Iterable[str] = ()) -> str:
+                   result_path: Path | None, destinations: Iterable[str] = (), *,
+                   threshold: float | None = None, untrained: bool | None = None) -> str:
         """Record scores and close the run in one transaction; returns the study's new state
         (receiving again if images arrived while it was processed)."""
         now = time.time()
@@ -318,9 +332,10 @@ class Store:
                  for instance_id, labels in scores.items() for label, score in labels.items()])
             db.executemany("UPDATE instances SET state = 'classified', updated_at = ? "
                            "WHERE id = ?", [(now, instance_id) for instance_id in scores])
-            db.execute("UPDATE runs SET state = 'done', finished_at = ?, result_path = ? "
-                       "WHERE id = ?", (now, str(result_path) if result_path else None,
-                                        claim.run_id))
+            db.execute("UPDATE runs SET state = 'done', finished_at = ?, result_path = ?, "
+                       "threshold = ?, untrained = ? WHERE id = ?",
+                       (now, str(result_path) if result_path else None, threshold, untrained,
+                        claim.run_id))
             if result_path is not None:
                 db.executemany(
                     "INSERT OR IGNORE INTO deliveries(run_id, destination, state, "

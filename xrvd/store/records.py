@@ -80,7 +80,33 @@ CREATE TABLE IF NOT EXISTS transitions (
     state TEXT NOT NULL,
     reason TEXT
 );
+-- Files of an existing archive seen by `xrvd backfill` (read in place, never copied): a rerun
+-- skips what it has seen unless the file changed since.
+CREATE TABLE IF NOT EXISTS archive_files (
+    path TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    outcome TEXT NOT NULL,  -- stored | duplicate | new_version | not_dicom
+    instance_id INTEGER REFERENCES instances(id),
+    reason TEXT,
+    seen_at REAL NOT NULL
+);
 """
+
+# Columns added after the first release: (table, column, declaration). Journals written by an
+# older xrvd gain them at open; rows from before hold NULL.
+ADDED_COLUMNS = (
+    ("instances", "view", "TEXT"),
+    ("runs", "threshold", "REAL"),
+    ("runs", "untrained", "INTEGER"),
+)
+
+
+def migrate(db) -> None:
+    for table, column, declaration in ADDED_COLUMNS:
+        present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        if column not in present:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
 
 class StoreError(XrvdError):

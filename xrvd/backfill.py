@@ -1,0 +1,478 @@
+"""`xrvd backfill`: annotate an existing archive with the daemon's own stages.
+
+Two phases, both resumable from the journal:
+1. crawl: stream the archive's paths, read each new file's header, journal it in place
+   (store.register_in_place; batches of files share one transaction). Files seen before with
+   the same size and mtime are passed over without being read.
+2. classify: the daemon's Worker claims the studies and runs selection, conversion, batched
+   inference and the report writer on them. Selection and conversion run in a pool of worker
+   processes, one round ahead of inference, so decoding overlaps with the model.
+
+Every study is claimed only after the crawl has journaled all of its files, so a study spread
+over several folders still gets one report. An interrupted run leaves studies 'processing';
+the next run's recovery puts them back in the queue, and a run whose report had already been
+written is recognised (worker._adopt_existing_report) instead of reported twice.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime as dt
+import functools
+import multiprocessing
+import os
+import signal
+import sqlite3
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any, TextIO
+
+from . import log
+from .config import Config
+from .crawl import crawl
+from .fsutil import StateDirLock
+from .pipeline.convert import ConvertOptions
+from .pipeline.prepare import PrepareJob, Prepared, prepare_instance
+from .pipeline.registry import get_spec
+from .pipeline.select import view_of
+from .progress import Progress, print_table
+from .reportwriter import ReportWritten
+from .store import NotStorableError, Store
+from .store.archive import ArchiveFile
+from .store.records import read_header
+from .worker import Worker, select_rules
+
+REGISTER_BATCH = 256
+PREPARE_NICENESS = 10
+EXIT_OK, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 130
+
+
+@dataclass(frozen=True)
+class BackfillRequest:
+    paths: tuple[Path, ...]
+    recursive: bool = False
+    dry_run: bool = False
+    limit: int | None = None
+    since: dt.date | None = None
+    workers: int = 0  # 0: in this process
+
+
+def parse_date(text: str) -> dt.date:
+    for fmt in ("%Y-%m-%d", "%Y%m%d"):
+        try:
+            return dt.datetime.strptime(text, fmt).date()
+        except ValueError:
+            pass
+    raise ValueError(f"{text!r} is not a date; use YYYY-MM-DD")
+
+
+def study_date(header) -> dt.date | None:
+    """The study's date from its header (Study, Series, Acquisition or Content Date)."""
+    for keyword in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate"):
+        value = str(header.get(keyword, "") or "").strip()
+        if value:
+            try:
+                return parse_date(value[:8])
+            except ValueError:
+                continue
+    return None
+
+
+def before_since(header, since: dt.date | None) -> bool:
+    """Files with no date at all are kept: an unknown date is not an old one."""
+    found = study_date(header) if since else None
+    return found is not None and found < since
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
+# --- the pool of preparing processes ---------------------------------------------------
+
+
+def _init_process() -> None:
+    import torch
+
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    torch.set_num_threads(1)
+    # Below the model's threads: a preempted inference thread stalls all of them (they wait
+    # for each other at every layer), while preparing and report writing only need to keep
+    # one round ahead. They get the cores whenever the model waits.
+    os.nice(PREPARE_NICENESS)
+
+
+def _die_with_parent() -> None:
+    """A back-fill killed with SIGKILL must not leave its pool running (Linux only)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)  # one process per core: no thread pools competing inside them
+
+
+class PreparePool:
+    """Worker processes for selection, decoding and conversion (worker.Submit)."""
+
+    def __init__(self, processes: int):
+        self.processes = processes
+        self._executor: concurrent.futures.ProcessPoolExecutor | None = None
+        if processes:
+            self._start()
+
+    def _start(self) -> None:
+        # spawn, not fork: the parent has torch's thread pools (and the model loader thread)
+        # running, which a forked child must not inherit; spawned children are also direct
+        # children, so they can follow the parent's death (see _die_with_parent).
+        context = multiprocessing.get_context("spawn")
+        self._executor = concurrent.futures.ProcessPoolExecutor(
+            self.processes, mp_context=context, initializer=_init_process)
+        for _ in range(self.processes):  # start them now, while the crawl runs
+            self._executor.submit(os.getpid)
+
+    def __call__(self, function: Callable[[Any], Any],
+                 jobs: list[Any]) -> Callable[[], list[Any]]:
+        if self._executor is None:
+            results = [function(job) for job in jobs]
+            return lambda: results
+        executor = self._executor
+        futures = [executor.submit(function, job) for job in jobs]
+        return lambda: [self._result(executor, job, future)
+                        for job, future in zip(jobs, futures, strict=True)]
+
+    def _result(self, executor: concurrent.futures.ProcessPoolExecutor, job: Any,
+                future: concurrent.futures.Future) -> Any:
+        try:
+            return future.result()
+        except concurrent.futures.process.BrokenProcessPool:
+            # A decoder crashed its process: the study is retried (and fails after
+            # study.max_attempts); the pool is replaced (once) for everything else.
+            if self._executor is executor:
+                self.shutdown()
+                self._start()
+            detail = "a worker process died (crashed decoder or out of memory)"
+            if isinstance(job, PrepareJob):
+                return Prepared(job.instance_id, error=f"{detail} while reading {job.path}")
+            return ReportWritten(error=detail)
+
+    def shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+
+# --- the run --------------------------------------------------------------------------
+
+
+class Backfill:
+    def __init__(self, config: Config, request: BackfillRequest, out: TextIO = sys.stdout):
+        self.config = config
+        self.request = request
+        self.out = out
+        self.rules = select_rules(config)
+        self.log = log.get_logger(component="backfill")
+        self.found: Counter[str] = Counter()
+        self.skip_reasons: Counter[str] = Counter()
+
+    def exclude(self) -> list[Path]:
+        return [self.config.state_dir, Path(self.config.output.folder)]
+
+    def paths(self) -> Iterator[Path]:
+        return crawl(self.request.paths, recursive=self.request.recursive,
+                     exclude=self.exclude())
+
+    # --- phase 1 ------------------------------------------------------------------------
+
+    def register(self, store: Store, progress: Progress) -> None:
+        progress.start_phase("crawl")
+        new = 0
+        limit = self.request.limit
+        for batch in _batches(self.paths(), REGISTER_BATCH):
+            files = []
+            for path in batch:
+                if limit is not None and new >= limit:
+                    break
+                self.found["found"] += 1
+                try:
+                    stat = path.stat()
+                except OSError as exc:
+                    self._skip_file(path, "unreadable", exc.strerror or str(exc))
+                    continue
+                if store.archive_seen(path, stat):
+                    self.found["seen_before"] += 1
+                    continue
+                try:
+                    header = read_header(path)
+                except NotStorableError as exc:
+                    self._skip_file(path, "not_dicom", str(exc))
+                    files.append(ArchiveFile(path, stat, None, f"not_dicom: {exc}"))
+                    continue
+                if before_since(header, self.request.since):
+                    self._skip_file(path, "before_since", f"study date {study_date(header)}")
+                    continue
+                files.append(ArchiveFile(path, stat, header))
+                new += 1
+            for item, outcome in zip(files, store.register_in_place(files), strict=True):
+                if outcome is None:
+                    continue
+                if outcome.status == "duplicate":
+                    self.found["duplicate"] += 1
+                    self.log.info("file.duplicate", path=str(item.path),
+                                  sop_instance_uid=outcome.sop_uid)
+                elif outcome.skipped:
+                    self._skip_file(item.path, outcome.skipped, "journaled as skipped")
+                else:
+                    self.found["journaled"] += 1
+            progress.advance(len(batch), found=len(batch))
+            if limit is not None and new >= limit:
+                break
+
+    def _skip_file(self, path: Path, reason: str, detail: str) -> None:
+        self.skip_reasons[reason] += 1
+        self.log.info("file.skipped", path=str(path), reason=reason, detail=detail)
+
+    # --- phase 2 ------------------------------------------------------------------------
+
+    def classify(self, store: Store, worker: Worker, pool: PreparePool,
+                 progress: Progress) -> None:
+        identity = worker.classifier.identity
+        total = store.query("SELECT COUNT(*) FROM instances WHERE state = 'stored'")[0][0]
+        progress.start_phase("classify", total)
+        round_size = max(self.config.model.batch_size, 4 * max(pool.processes, 1))
+        # Three rounds in flight: the pool prepares round k+1 and writes the reports of round
+        # k-1 while the model classifies round k.
+        preparing = reporting = None
+        while True:
+            claims = store.claim_ready_studies(0.0, identity.name, identity.weights_sha256,
+                                               limit=round_size)
+            upcoming = worker.begin(claims, pool) if claims else None
+            before = Counter(worker.tally)
+            classified = worker.complete(preparing, pool) if preparing is not None else None
+            if reporting is not None:
+                worker.finish(reporting)
+            self._advance(progress, worker.tally - before)
+            if upcoming is None and classified is None and reporting is None:
+                return
+            preparing, reporting = upcoming, classified
+
+    @staticmethod
+    def _advance(progress: Progress, delta: Counter[str]) -> None:
+        skipped = sum(v for k, v in delta.items() if k.startswith("skipped:"))
+        progress.advance(delta["classified"] + delta["adopted"] + skipped + delta["failed"],
+                         classified=delta["classified"], skipped=skipped,
+                         failed=delta["failed"])
+
+    # --- the whole command ---------------------------------------------------------------
+
+    def run(self) -> int:
+        interactive = sys.stderr.isatty()
+        lock = StateDirLock(self.config.state_dir, "backfill")
+        lock.acquire()
+        store = Store(self.config.state_dir)
+        progress = Progress(interactive)
+        started = time.monotonic()
+        worker: Worker | None = None
+        loader = _ClassifierLoader(self.config)  # torch imports while the crawl reads headers
+        pool = PreparePool(self.request.workers)
+        interrupted = False
+        try:
+            recovered = store.recover()
+            self.log.info("backfill.started", paths=[str(p) for p in self.request.paths],
+                          workers=self.request.workers, **recovered)
+            self.register(store, progress)
+            worker = Worker(self.config, store, loader.result())
+            self.classify(store, worker, pool, progress)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            progress.close()
+            pool.shutdown()
+            waiting = store.query("SELECT COUNT(*) FROM studies WHERE state IN "
+                                  "('receiving', 'processing')")[0][0]
+            store.close()
+            lock.release()
+        tally = worker.tally if worker else Counter()
+        self.summary(tally, time.monotonic() - started, progress, waiting, interrupted)
+        if interrupted:
+            return EXIT_INTERRUPTED
+        return EXIT_PARTIAL if tally["failed"] or tally["failed_studies"] else EXIT_OK
+
+    def summary(self, tally: Counter[str], elapsed: float, progress: Progress, waiting: int,
+                interrupted: bool) -> None:
+        rate = tally["classified"] / progress_time(progress) if tally["classified"] else 0.0
+        skipped = self.skip_reasons + Counter({k.split(":", 1)[1]: v for k, v in tally.items()
+                                               if k.startswith("skipped:")})
+        rows = [
+            ("files found", str(self.found["found"])),
+            ("  seen by an earlier run", str(self.found["seen_before"])),
+            ("  journaled now", str(self.found["journaled"])),
+            ("  duplicates (same instance)", str(self.found["duplicate"])),
+            ("images classified", str(tally["classified"])),
+            ("images already reported", str(tally["adopted"])),
+            ("files and images skipped", str(sum(skipped.values()))),
+            *[(f"  {reason}", str(count)) for reason, count in skipped.most_common()],
+            ("images failed", str(tally["failed"])),
+            ("studies reported", str(tally["reported"])),
+            ("studies with a report already", str(tally["already_reported"])),
+            ("study attempts failed", str(tally["failed_studies"])),
+            ("studies left for the next run", str(waiting)),
+            ("time", f"{elapsed:.1f} s"),
+            ("classification rate", f"{rate:.2f} images/s"),
+        ]
+        if self.config.destinations and tally["reported"]:
+            rows.append(("reports queued for delivery", f"{tally['reported']} (sent by xrvd "
+                         "serve with this state_dir)"))
+        title = "xrvd backfill: interrupted; run the same command again to go on" \
+            if interrupted else "xrvd backfill: done"
+        print_table(rows, self.out, title)
+        self.log.info("backfill.finished", interrupted=interrupted,
+                      elapsed_s=round(elapsed, 2), rate_per_s=round(rate, 2),
+                      **{k.replace(":", "_"): v for k, v in sorted(tally.items())},
+                      **dict(self.found), skipped=dict(skipped))
+
+    # --- --dry-run ------------------------------------------------------------------------
+
+    def dry_run(self) -> int:
+        """Every file's verdict, through the same stages up to (not including) the model: the
+        header checks here, then selection, decoding and conversion in the pool, so a file
+        that would fail to decode shows up now, not in the real run."""
+        journal = _read_only_journal(self.config.state_dir)
+        pool = PreparePool(self.request.workers)
+        spec = get_spec(self.config.model.name)
+        function = functools.partial(
+            prepare_instance, rules=self.rules, resolution=spec.resolution,
+            options=ConvertOptions(**self.config.convert.model_dump()))
+        actions: Counter[str] = Counter()
+        paths = self.paths()
+        if self.request.limit is not None:
+            paths = islice(paths, self.request.limit)
+        try:
+            for batch in _batches(paths, 4 * max(pool.processes, 1)):
+                verdicts = [self._would(path, journal) for path in batch]
+                jobs = [PrepareJob(n, str(path)) for n, (path, verdict)
+                        in enumerate(zip(batch, verdicts, strict=True)) if verdict is None]
+                for prepared in pool(function, jobs)():
+                    verdicts[prepared.instance_id] = _verdict(prepared)
+                for path, (action, reason, detail) in zip(batch, verdicts, strict=True):
+                    actions[f"{action}:{reason}" if reason else action] += 1
+                    self.out.write(f"{action:<10} {reason or '-':<16} {path}"
+                                   f"{'  ' + detail if detail else ''}\n")
+        finally:
+            pool.shutdown()
+            if journal is not None:
+                journal.close()
+        rows = [(key.replace(":", " "), str(count)) for key, count in actions.most_common()]
+        print_table(rows or [("files found", "0")], self.out,
+                    "xrvd backfill --dry-run: nothing was classified or journaled")
+        return EXIT_OK
+
+    def _would(self, path: Path,
+               journal: sqlite3.Connection | None) -> tuple[str, str, str] | None:
+        """The verdict from the file system, the journal and the header; None: decode it."""
+        try:
+            stat = path.stat()
+        except OSError as exc:
+            return "skip", "unreadable", exc.strerror or str(exc)
+        if journal is not None:
+            row = journal.execute(
+                "SELECT a.size, a.mtime_ns, a.outcome, i.state, i.reason FROM archive_files a "
+                "LEFT JOIN instances i ON i.id = a.instance_id WHERE a.path = ?",
+                (str(path),)).fetchone()
+            if row and (row[0], row[1]) == (stat.st_size, stat.st_mtime_ns):
+                return "done", row[3] or row[2], row[4] or "journaled by an earlier run"
+        try:
+            header = read_header(path)
+        except NotStorableError as exc:
+            return "skip", "not_dicom", str(exc)
+        if before_since(header, self.request.since):
+            return "skip", "before_since", f"study date {study_date(header)}"
+        return None
+
+
+def _verdict(prepared: Prepared) -> tuple[str, str, str]:
+    if prepared.error is not None:
+        return "fail", "error", prepared.error
+    if prepared.skip_reason is not None:
+        return "skip", prepared.skip_reason, prepared.skip_detail
+    header = prepared.header
+    return "classify", "", f"{header.get('Modality', '')} {view_of(header) or 'unknown'}"
+
+
+def progress_time(progress: Progress) -> float:
+    return max(time.monotonic() - progress.phase_started, 1e-9)
+
+
+def _read_only_journal(state_dir: Path) -> sqlite3.Connection | None:
+    path = Path(state_dir) / "journal.sqlite3"
+    if not path.exists():
+        return None
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    if "archive_files" not in tables:
+        db.close()
+        return None
+    return db
+
+
+class _ClassifierLoader:
+    """Loads the model in a thread: importing torch takes seconds the crawl can use."""
+
+    def __init__(self, config: Config):
+        self._classifier = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._load, args=(config,), daemon=True,
+                                        name="xrvd-model-loader")
+        self._thread.start()
+
+    def _load(self, config: Config) -> None:
+        from .pipeline.models import Classifier
+
+        try:
+            self._classifier = Classifier.from_config(config)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            self._error = exc
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._classifier
+
+
+def run_backfill(config: Config, request: BackfillRequest) -> int:
+    """On a terminal: a progress bar and the summary table. Otherwise (a service, a pipe): JSON
+    events on stdout, `backfill.progress` every 10 s, and the table on stderr."""
+    interactive = sys.stderr.isatty()
+    if interactive or request.dry_run:
+        log.configure("warning", "console", stream="stderr",
+                      include_patient_identifiers=config.log.include_patient_identifiers)
+    else:
+        log.configure(config.log.level, config.log.format,
+                      include_patient_identifiers=config.log.include_patient_identifiers)
+    out = sys.stdout if interactive or request.dry_run else sys.stderr
+    backfill = Backfill(config, request, out)
+    if request.dry_run:
+        return backfill.dry_run()
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return backfill.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops like Ctrl-C: the summary says what is left

@@ -1,0 +1,56 @@
+"""One instance from its file to a model input: header, selection, decoding, conversion.
+
+The daemon's worker runs this in its own thread; `xrvd backfill` runs the very same function
+in a pool of worker processes. It never raises: every outcome, including an unexpected error,
+comes back as a `Prepared` that pickles cheaply (the header without pixel data, and the small
+model input).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from ..errors import ImageError
+from .convert import ConvertOptions, prepare_dataset
+from .read import read_dicom
+from .select import SelectRules, select
+
+
+@dataclass(frozen=True)
+class PrepareJob:
+    instance_id: int
+    path: str
+
+
+@dataclass(frozen=True)
+class Prepared:
+    instance_id: int
+    header: Dataset | None = None  # read without pixel data: what the report needs
+    array: np.ndarray | None = None
+    skip_reason: str | None = None
+    skip_detail: str = ""
+    error: str | None = None  # not the image's fault: the study is retried
+
+
+def prepare_instance(job: PrepareJob, rules: SelectRules, options: ConvertOptions,
+                     resolution: int) -> Prepared:
+    try:
+        header = pydicom.dcmread(job.path, stop_before_pixels=True, force=True)
+        choice = select(header, rules)
+        if not choice.classify:
+            return Prepared(job.instance_id, skip_reason=choice.reason or "not_selected",
+                            skip_detail=choice.detail)
+        array = prepare_dataset(read_dicom(job.path), resolution, options, job.path).array
+    except ImageError as exc:
+        return Prepared(job.instance_id, skip_reason=exc.reason, skip_detail=exc.detail)
+    except FileNotFoundError as exc:
+        return Prepared(job.instance_id, skip_reason="file_missing",
+                        skip_detail=f"{job.path} is gone ({exc.strerror}); it was journaled "
+                        "but removed before it could be classified")
+    except Exception as exc:  # noqa: BLE001 - reported to the caller, which retries the study
+        return Prepared(job.instance_id, error=f"{type(exc).__name__}: {exc}")
+    return Prepared(job.instance_id, header=header, array=array)
