@@ -124,8 +124,10 @@ def sidecar(report: Path) -> dict:
     return json.loads(report.with_suffix(".json").read_text())
 
 
-def test_storescu_sends_every_fixture(daemon):
-    xrvd = daemon()
+@pytest.mark.parametrize("worker_processes", [0, 2])
+def test_storescu_sends_every_fixture(daemon, worker_processes):
+    """Also with decoding and report writing in worker processes (the same results)."""
+    xrvd = daemon(service={"worker_processes": worker_processes})
     files = sorted(CXR.glob("*.dcm")) + sorted(REJECT.glob("*.dcm"))
     done = storescu(xrvd.port, files)
     assert done.returncode == 0, done.stderr

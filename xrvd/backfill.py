@@ -16,10 +16,8 @@ written is recognised (worker._adopt_existing_report) instead of reported twice.
 
 from __future__ import annotations
 
-import concurrent.futures
 import datetime as dt
 import functools
-import multiprocessing
 import os
 import signal
 import sqlite3
@@ -41,15 +39,14 @@ from .pipeline.convert import ConvertOptions
 from .pipeline.prepare import PrepareJob, Prepared, prepare_instance
 from .pipeline.registry import get_spec
 from .pipeline.select import view_of
+from .pool import PreparePool
 from .progress import Progress, print_table
-from .reportwriter import ReportWritten
 from .store import NotStorableError, Store
 from .store.archive import ArchiveFile
 from .store.records import read_header
 from .worker import Worker, select_rules
 
 REGISTER_BATCH = 256
-PREPARE_NICENESS = 10
 EXIT_OK, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 130
 
 
@@ -94,85 +91,6 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
     iterator = iter(items)
     while batch := list(islice(iterator, size)):
         yield batch
-
-
-# --- the pool of preparing processes ---------------------------------------------------
-
-
-def _init_process() -> None:
-    import torch
-
-    _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    torch.set_num_threads(1)
-    # Below the model's threads: a preempted inference thread stalls all of them (they wait
-    # for each other at every layer), while preparing and report writing only need to keep
-    # one round ahead. They get the cores whenever the model waits.
-    os.nice(PREPARE_NICENESS)
-
-
-def _die_with_parent() -> None:
-    """A back-fill killed with SIGKILL must not leave its pool running (Linux only)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        os._exit(1)  # one process per core: no thread pools competing inside them
-
-
-class PreparePool:
-    """Worker processes for selection, decoding and conversion (worker.Submit)."""
-
-    def __init__(self, processes: int):
-        self.processes = processes
-        self._executor: concurrent.futures.ProcessPoolExecutor | None = None
-        if processes:
-            self._start()
-
-    def _start(self) -> None:
-        # spawn, not fork: the parent has torch's thread pools (and the model loader thread)
-        # running, which a forked child must not inherit; spawned children are also direct
-        # children, so they can follow the parent's death (see _die_with_parent).
-        context = multiprocessing.get_context("spawn")
-        self._executor = concurrent.futures.ProcessPoolExecutor(
-            self.processes, mp_context=context, initializer=_init_process)
-        for _ in range(self.processes):  # start them now, while the crawl runs
-            self._executor.submit(os.getpid)
-
-    def __call__(self, function: Callable[[Any], Any],
-                 jobs: list[Any]) -> Callable[[], list[Any]]:
-        if self._executor is None:
-            results = [function(job) for job in jobs]
-            return lambda: results
-        executor = self._executor
-        futures = [executor.submit(function, job) for job in jobs]
-        return lambda: [self._result(executor, job, future)
-                        for job, future in zip(jobs, futures, strict=True)]
-
-    def _result(self, executor: concurrent.futures.ProcessPoolExecutor, job: Any,
-                future: concurrent.futures.Future) -> Any:
-        try:
-            return future.result()
-        except concurrent.futures.process.BrokenProcessPool:
-            # A decoder crashed its process: the study is retried (and fails after
-            # study.max_attempts); the pool is replaced (once) for everything else.
-            if self._executor is executor:
-                self.shutdown()
-                self._start()
-            detail = "a worker process died (crashed decoder or out of memory)"
-            if isinstance(job, PrepareJob):
-                return Prepared(job.instance_id, error=f"{detail} while reading {job.path}")
-            return ReportWritten(error=detail)
-
-    def shutdown(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
 
 
 # --- the run --------------------------------------------------------------------------
@@ -253,21 +171,12 @@ class Backfill:
         total = store.query("SELECT COUNT(*) FROM instances WHERE state = 'stored'")[0][0]
         progress.start_phase("classify", total)
         round_size = max(self.config.model.batch_size, 4 * max(pool.processes, 1))
-        # Three rounds in flight: the pool prepares round k+1 and writes the reports of round
-        # k-1 while the model classifies round k.
-        preparing = reporting = None
         while True:
-            claims = store.claim_ready_studies(0.0, identity.name, identity.weights_sha256,
-                                               limit=round_size)
-            upcoming = worker.begin(claims, pool) if claims else None
             before = Counter(worker.tally)
-            classified = worker.complete(preparing, pool) if preparing is not None else None
-            if reporting is not None:
-                worker.finish(reporting)
+            busy = worker.step(0.0, round_size, pool)
             self._advance(progress, worker.tally - before)
-            if upcoming is None and classified is None and reporting is None:
+            if not busy:
                 return
-            preparing, reporting = upcoming, classified
 
     @staticmethod
     def _advance(progress: Progress, delta: Counter[str]) -> None:

@@ -208,6 +208,9 @@ class ServiceConfig(Section):
     status_seconds: float = Field(default=5.0, gt=0)
     # How long SIGTERM waits for associations and the batch in hand before leaving them.
     drain_seconds: float = Field(default=20.0, ge=0)
+    # Processes that decode, convert and write reports beside the model (0: all in the
+    # worker thread). Each imports its own copy of pydicom, highdicom and torch's resize.
+    worker_processes: int = Field(default=0, ge=0, le=64)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
 

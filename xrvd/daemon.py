@@ -23,6 +23,7 @@ from .ingest.scp import StorageSCP
 from .ingest.watch import DropFolderWatcher
 from .pipeline.models import Classifier
 from .fsutil import StateDirLock
+from .pool import PreparePool
 from .store import Store
 from .systemd import Notifier
 from .worker import Worker
@@ -31,7 +32,7 @@ from .worker import Worker
 RESTART_ONLY = ("state_dir", "model.name", "model.weights_dir", "model.device",
                 "model.threads", "convert", "scp.enabled", "scp.ae_title", "scp.bind",
                 "scp.port", "scp.max_associations", "scp.max_pdu", "watch", "output",
-                "service.metrics")
+                "service.metrics", "service.worker_processes", "model.backend")
 
 
 def _get(config: Config, dotted: str):
@@ -55,6 +56,7 @@ class Daemon:
         self.watcher: DropFolderWatcher | None = None
         self.metrics_server: metrics.MetricsServer | None = None
         self.deliverer: Deliverer | None = None
+        self.pool: PreparePool | None = None
         self.model_name = config.model.name
         self.lock = StateDirLock(config.state_dir, "serve")
 
@@ -78,6 +80,9 @@ class Daemon:
         self.deliverer = Deliverer(config, self.store)
         self.deliverer.start()
         self.worker = Worker(config, self.store, classifier, on_report=self.deliverer.wake)
+        if config.service.worker_processes:
+            self.pool = PreparePool(config.service.worker_processes)
+            self.worker.submit = self.pool
         self.worker.start()
         if config.scp.enabled:
             self.scp = StorageSCP(config.scp, self.store)
@@ -106,6 +111,8 @@ class Daemon:
         if self.worker is not None and not self.worker.stop(drain):
             self.log.warning("worker.abandoned", detail="work in progress resumes at the next "
                              "start")
+        if self.pool is not None:
+            self.pool.shutdown()
         if self.deliverer is not None:
             self.deliverer.stop(drain)
         if self.metrics_server is not None:

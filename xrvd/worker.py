@@ -108,6 +108,9 @@ class Worker:
         # (images with a report already in the output folder), "failed" (images),
         # "reported", "already_reported", "failed_studies", "skipped:<reason>".
         self.tally: Counter[str] = Counter()
+        self.submit: Submit = run_here  # the daemon may give it a pool.PreparePool
+        self._preparing: Round | None = None
+        self._reporting: Reporting | None = None
 
     def apply(self, config: Config) -> None:
         """Take a reloaded config: thresholds, selection rules, settling, batch size."""
@@ -134,24 +137,44 @@ class Worker:
         return max(busy, now - self.heartbeat - 5.0, 0.0)
 
     def _run(self) -> None:
-        identity = self.classifier.identity
         while not self._stop.is_set():
             self.heartbeat = time.monotonic()
+            self.busy_since = time.monotonic()
             try:
-                claims = self.store.claim_ready_studies(
-                    self.config.study.settle_seconds, identity.name, identity.weights_sha256,
-                    limit=self.config.model.batch_size)
-                if not claims:
-                    deadline = self.store.next_deadline(self.config.study.settle_seconds)
-                    self.store.wait_for_work(1.0 if deadline is None else min(deadline, 1.0))
-                    continue
-                self.busy_since = time.monotonic()
-                self.process(claims)
+                busy = self.step(self.config.study.settle_seconds, self.config.model.batch_size,
+                                 self.submit)
             except Exception as exc:  # noqa: BLE001 - the worker must keep running
                 self.log.error("worker.error", error=repr(exc))
+                self._preparing = self._reporting = None  # their studies resume at restart
                 self._stop.wait(1.0)
+                continue
             finally:
                 self.busy_since = None
+            if not busy:
+                deadline = self.store.next_deadline(self.config.study.settle_seconds)
+                self.store.wait_for_work(1.0 if deadline is None else min(deadline, 1.0))
+        while self._preparing is not None or self._reporting is not None:
+            self.step(0.0, 0, self.submit, claim=False)  # finish what is in flight
+
+    def step(self, settle_seconds: float, limit: int, submit: Submit = run_here, *,
+             claim: bool = True) -> bool:
+        """One turn of the pipeline: claim and begin a round, classify the round begun on the
+        previous turn, record the reports of the one before. With run_here each turn does its
+        stages one after the other; with a pool, preparing and report writing overlap with
+        the model. Returns False when there was nothing to do."""
+        identity = self.classifier.identity
+        claims = self.store.claim_ready_studies(
+            settle_seconds, identity.name, identity.weights_sha256, limit=limit) \
+            if claim else []
+        upcoming = self.begin(claims, submit) if claims else None
+        classified = self.complete(self._preparing, submit) \
+            if self._preparing is not None else None
+        reporting, self._reporting = self._reporting, None
+        self._preparing = upcoming
+        if reporting is not None:
+            self.finish(reporting)
+        self._reporting = classified
+        return any(stage is not None for stage in (upcoming, classified, reporting))
 
     # --- one round: several studies, shared batches -------------------------------------
 

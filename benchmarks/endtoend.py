@@ -1,0 +1,153 @@
+"""End to end, per inference backend: `xrvd serve` fed by DCMTK storescu until the last report
+is written, and `xrvd backfill` over the same files.
+
+Run by hand:  uv run python benchmarks/endtoend.py [--images 200] [--per-association 10]
+
+The images are ~10 MB CRs (2500x2048, 16 bit; the WG04 CR resampled), one study each, sent
+--per-association studies per association (one storescu run each, one after the other, as
+modalities send). The serve rate is images / (first byte sent -> last report.written event);
+its memory is the daemon's peak resident size, and whether libtorch was ever mapped into it.
+The back-fill rate is the back-fill's own classification rate (and the whole command's).
+Untrained weights of the right format: speed does not depend on the weights' values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from backfill import generate, run_backfill  # noqa: E402
+from receive import ENV, dcmtk  # noqa: E402
+
+MODEL = "densenet121-res224-all"
+ALLOW = {"XRVD_TESTING_ALLOW_UNTRAINED_WEIGHTS": "yes-these-scores-are-meaningless"}
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def torch_mapped(pid: int) -> bool:
+    return "libtorch_cpu" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def serve(files: list[Path], work: Path, weights: str, backend: str,
+          per_association: int, worker_processes: int) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    config = work / "serve.yaml"
+    config.write_text(yaml.safe_dump({
+        "state_dir": str(work / "state"),
+        "model": {"name": MODEL, "weights_dir": weights, "backend": backend},
+        "scp": {"port": 0, "allowed_calling_aets": ["BENCH"], "max_pdu": 131072},
+        "study": {"settle_seconds": 0.5},
+        "output": {"folder": str(work / "out")},
+        "service": {"worker_processes": worker_processes},
+    }))
+    daemon = subprocess.Popen([sys.executable, "-m", "xrvd", "serve", "-c", str(config)],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              env=dict(ENV, **ALLOW))
+    port, written, last = None, 0, [0.0]
+    for line in daemon.stdout:
+        event = json.loads(line)
+        if event["event"] == "scp.listening":
+            port = event["port"]
+        if event["event"] == "daemon.ready":
+            break
+    done = threading.Event()
+
+    def follow() -> None:
+        nonlocal written
+        for line in daemon.stdout:
+            if '"report.written"' in line:
+                written += 1
+                last[0] = time.perf_counter()
+                if written == len(files):
+                    done.set()
+        done.set()
+
+    threading.Thread(target=follow, daemon=True).start()
+    started = time.perf_counter()
+    for start in range(0, len(files), per_association):
+        chunk = files[start:start + per_association]
+        sent = subprocess.run([dcmtk("storescu"), "-aet", "BENCH", "-aec", "XRVD",
+                               "--max-pdu", "131072", "127.0.0.1", str(port),
+                               *map(str, chunk)], env=ENV, capture_output=True, text=True)
+        if sent.returncode != 0:
+            raise SystemExit(f"storescu failed: {sent.stderr}")
+    received = time.perf_counter() - started
+    done.wait(timeout=1800)
+    result = {"images_per_s": written / (last[0] - started), "received_s": received,
+              "total_s": last[0] - started, "written": written,
+              "peak_rss_mb": peak_rss_mb(daemon.pid), "torch": torch_mapped(daemon.pid)}
+    daemon.send_signal(signal.SIGTERM)
+    daemon.wait(timeout=120)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--per-association", type=int, default=10)
+    parser.add_argument("--backends", default="torch,onnxruntime")
+    parser.add_argument("--worker-processes", default="0,2",
+                        help="service.worker_processes values to run serve with")
+    args = parser.parse_args()
+    if not dcmtk("storescu"):
+        raise SystemExit("DCMTK's storescu is needed (apt install dcmtk)")
+    with tempfile.TemporaryDirectory(prefix="xrvd-e2e-") as scratch_name:
+        scratch = Path(scratch_name)
+        from xrvd.pipeline.untrained import write_untrained_weights
+
+        weights = scratch / "weights"
+        write_untrained_weights(MODEL, weights)
+        folder = scratch / "images"
+        generate("16bit", folder, args.images)
+        files = sorted(folder.rglob("*.dcm"))
+        size_mb = sum(p.stat().st_size for p in files) / 2**20
+        print(f"cores available: {len(os.sched_getaffinity(0))}; {len(files)} CRs 2500x2048 "
+              f"16-bit, {size_mb / len(files):.1f} MB each; model {MODEL}")
+        print(f"{'backend':<12} {'path':<10} {'images/s':>9} {'peak RSS MB':>12}  notes")
+        for backend in args.backends.split(","):
+            # The export (ONNX) is built before the timed runs, as `xrvd models export` does.
+            subprocess.run([sys.executable, "-m", "xrvd", "models", "export", MODEL, "-c",
+                            str(_models_config(scratch, weights))], env=dict(ENV, **ALLOW),
+                           capture_output=True, check=backend != "onnxruntime")
+            for processes in map(int, args.worker_processes.split(",")):
+                run = serve(files, scratch / f"serve-{backend}-{processes}", str(weights),
+                            backend, args.per_association, processes)
+                print(f"{backend:<12} {f'serve/{processes}':<10} {run['images_per_s']:>9.1f} "
+                      f"{run['peak_rss_mb']:>12.0f}  {processes} worker processes, storescu "
+                      f"{args.per_association}/association, received in "
+                      f"{run['received_s']:.1f} s, last report at {run['total_s']:.1f} s, "
+                      f"torch in the daemon: {'yes' if run['torch'] else 'no'}")
+            fill = run_backfill(argparse.Namespace(weights=str(weights), batch_size=8,
+                                                   backend=backend, workers=None),
+                                folder, scratch / f"backfill-{backend}")
+            print(f"{backend:<12} {'backfill':<10} {fill['images_per_s']:>9.1f} "
+                  f"{fill['peak_rss_mb']:>12.0f}  whole command {fill['wall_images_per_s']:.1f}"
+                  f" images/s; RSS summed over its processes")
+
+
+def _models_config(scratch: Path, weights: Path) -> Path:
+    path = scratch / "models.yaml"
+    path.write_text(yaml.safe_dump({"state_dir": str(scratch / "models-state"),
+                                    "model": {"name": MODEL, "weights_dir": str(weights)}}))
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""A pool of worker processes for the stages that need no model: selection, decoding and
+conversion (pipeline/prepare.py) and report writing (reportwriter.py). It is a worker.Submit:
+the worker hands it a round's jobs and collects the results later, so that the processes
+work on one round while the model classifies another.
+
+Processes, not threads: those stages are mostly Python (pydicom, highdicom) and would hold the
+GIL the model's thread and the DICOM listener need.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+import signal
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from .pipeline.prepare import PrepareJob, Prepared
+from .reportwriter import ReportWritten
+
+PREPARE_NICENESS = 10
+
+
+def _init_process() -> None:
+    import torch
+
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # pydicom's and highdicom's warnings quote values from the data (patient names among
+    # them) and would reach the service's log unredacted; outcomes come back as results.
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    # Below the model's threads: a preempted inference thread stalls all of them (they wait
+    # for each other at every layer), while preparing and report writing only need to keep
+    # one round ahead. They get the cores whenever the model waits.
+    os.nice(PREPARE_NICENESS)
+
+
+def _die_with_parent() -> None:
+    """A parent killed with SIGKILL must not leave its pool running (Linux only)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)  # one process per core: no thread pools competing inside them
+
+
+class PreparePool:
+    """Worker processes for selection, decoding and conversion (worker.Submit)."""
+
+    def __init__(self, processes: int):
+        self.processes = processes
+        self._executor: concurrent.futures.ProcessPoolExecutor | None = None
+        if processes:
+            self._start()
+
+    def _start(self) -> None:
+        # spawn, not fork: the parent has torch's thread pools (and the model loader thread)
+        # running, which a forked child must not inherit; spawned children are also direct
+        # children, so they can follow the parent's death (see _die_with_parent).
+        context = multiprocessing.get_context("spawn")
+        self._executor = concurrent.futures.ProcessPoolExecutor(
+            self.processes, mp_context=context, initializer=_init_process)
+        for _ in range(self.processes):  # start them now, while the crawl runs
+            self._executor.submit(os.getpid)
+
+    def __call__(self, function: Callable[[Any], Any],
+                 jobs: list[Any]) -> Callable[[], list[Any]]:
+        if self._executor is None:
+            results = [function(job) for job in jobs]
+            return lambda: results
+        executor = self._executor
+        futures = [executor.submit(function, job) for job in jobs]
+        return lambda: [self._result(executor, job, future)
+                        for job, future in zip(jobs, futures, strict=True)]
+
+    def _result(self, executor: concurrent.futures.ProcessPoolExecutor, job: Any,
+                future: concurrent.futures.Future) -> Any:
+        try:
+            return future.result()
+        except concurrent.futures.process.BrokenProcessPool:
+            # A decoder crashed its process: the study is retried (and fails after
+            # study.max_attempts); the pool is replaced (once) for everything else.
+            if self._executor is executor:
+                self.shutdown()
+                self._start()
+            detail = "a worker process died (crashed decoder or out of memory)"
+            if isinstance(job, PrepareJob):
+                return Prepared(job.instance_id, error=f"{detail} while reading {job.path}")
+            return ReportWritten(error=detail)
+
+    def shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
