@@ -14,7 +14,6 @@ Untrained weights of the right format: speed does not depend on the weights' val
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -28,7 +27,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backfill import generate, run_backfill  # noqa: E402
-from receive import ENV, dcmtk  # noqa: E402
+from receive import ENV, dcmtk, start_serve  # noqa: E402
 
 MODEL = "densenet121-res224-all"
 ALLOW = {"XRVD_TESTING_ALLOW_UNTRAINED_WEIGHTS": "yes-these-scores-are-meaningless"}
@@ -57,16 +56,8 @@ def serve(files: list[Path], work: Path, weights: str, backend: str,
         "output": {"folder": str(work / "out")},
         "service": {"worker_processes": worker_processes},
     }))
-    daemon = subprocess.Popen([sys.executable, "-m", "xrvd", "serve", "-c", str(config)],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                              env=dict(ENV, **ALLOW))
-    port, written, last = None, 0, [0.0]
-    for line in daemon.stdout:
-        event = json.loads(line)
-        if event["event"] == "scp.listening":
-            port = event["port"]
-        if event["event"] == "daemon.ready":
-            break
+    daemon, port = start_serve(config, dict(ENV, **ALLOW))
+    written, last = 0, [0.0]
     done = threading.Event()
 
     def follow() -> None:

@@ -98,6 +98,21 @@ def bench_storescp(files: list[Path], work: Path) -> float:
         scp.wait(timeout=30)
 
 
+def start_serve(config: Path, env: dict) -> tuple[subprocess.Popen, int]:
+    """`xrvd serve` as a subprocess, once it is ready; its events stay readable on stdout."""
+    daemon = subprocess.Popen([sys.executable, "-m", "xrvd", "serve", "-c", str(config)],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              env=env)
+    port = None
+    for line in daemon.stdout:
+        event = json.loads(line)
+        if event["event"] == "scp.listening":
+            port = event["port"]
+        if event["event"] == "daemon.ready":
+            break
+    return daemon, port
+
+
 def bench_xrvd(files: list[Path], work: Path) -> float:
     from xrvd.pipeline.untrained import ALLOW_UNTRAINED_ENV, write_untrained_weights
 
@@ -111,16 +126,8 @@ def bench_xrvd(files: list[Path], work: Path) -> float:
         "study": {"settle_seconds": 3600},
     }))
     env = dict(ENV, **{ALLOW_UNTRAINED_ENV: "yes-these-scores-are-meaningless"})
-    daemon = subprocess.Popen([sys.executable, "-m", "xrvd", "serve", "-c", str(config)],
-                              stdout=subprocess.PIPE, text=True, env=env)
+    daemon, port = start_serve(config, env)
     try:
-        port = None
-        for line in daemon.stdout:
-            event = json.loads(line)
-            if event["event"] == "scp.listening":
-                port = event["port"]
-            if event["event"] == "daemon.ready":
-                break
         elapsed = send(port, files)
     finally:
         daemon.send_signal(signal.SIGTERM)
