@@ -58,13 +58,14 @@ def template(kind: str) -> pydicom.Dataset:
     return ds
 
 
-def generate(kind: str, folder: Path, count: int) -> None:
+def generate(kind: str, folder: Path, count: int, per_study: int = 1) -> None:
     ds = template(kind)
     for number in range(count):
         ds.SOPInstanceUID = generate_uid()
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.SeriesInstanceUID = generate_uid()
-        ds.StudyInstanceUID = generate_uid()
+        if number % per_study == 0:
+            ds.StudyInstanceUID = generate_uid()
         target = folder / f"{number // 100:03d}" / f"{number:05d}.dcm"
         target.parent.mkdir(parents=True, exist_ok=True)
         ds.save_as(target, enforce_file_format=True)

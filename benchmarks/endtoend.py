@@ -3,9 +3,10 @@ is written, and `xrvd backfill` over the same files.
 
 Run by hand:  uv run python benchmarks/endtoend.py [--images 200] [--per-association 10]
 
-The images are ~10 MB CRs (2500x2048, 16 bit; the WG04 CR resampled), one study each, sent
---per-association studies per association (one storescu run each, one after the other, as
-modalities send). The serve rate is images / (first byte sent -> last report.written event);
+The images are ~10 MB CRs (2500x2048, 16 bit; the WG04 CR resampled), one study each
+(--per-study N: N images per study and report), sent
+--per-association files per association (one storescu run each, one after the other, as
+modalities send). The serve rate is images / (first byte sent -> the study.classified event, after its report was written, that completes the count);
 its memory is the daemon's peak resident size, and whether libtorch was ever mapped into it.
 The back-fill rate is the back-fill's own classification rate (and the whole command's).
 Untrained weights of the right format: speed does not depend on the weights' values.
@@ -14,6 +15,7 @@ Untrained weights of the right format: speed does not depend on the weights' val
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -63,8 +65,8 @@ def serve(files: list[Path], work: Path, weights: str, backend: str,
     def follow() -> None:
         nonlocal written
         for line in daemon.stdout:
-            if '"report.written"' in line:
-                written += 1
+            if '"study.classified"' in line:
+                written += json.loads(line)["classified"]
                 last[0] = time.perf_counter()
                 if written == len(files):
                     done.set()
@@ -93,6 +95,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--per-association", type=int, default=10)
+    parser.add_argument("--per-study", type=int, default=1,
+                        help="images per study (each study gets one report)")
     parser.add_argument("--backends", default="torch,onnxruntime")
     parser.add_argument("--worker-processes", default="0,2",
                         help="service.worker_processes values to run serve with")
@@ -106,7 +110,7 @@ def main() -> None:
         weights = scratch / "weights"
         write_untrained_weights(MODEL, weights)
         folder = scratch / "images"
-        generate("16bit", folder, args.images)
+        generate("16bit", folder, args.images, args.per_study)
         files = sorted(folder.rglob("*.dcm"))
         size_mb = sum(p.stat().st_size for p in files) / 2**20
         print(f"cores available: {len(os.sched_getaffinity(0))}; {len(files)} CRs 2500x2048 "
