@@ -185,3 +185,28 @@ def test_selection_rules_are_configurable():
     assert select(ds, SelectRules(classify_missing_view=False)).reason == "view_missing"
     assert select(ds, SelectRules(classify_missing_body_part=False)).reason == \
         "body_part_missing"
+
+
+def test_archive_copy_of_a_reported_instance_does_not_reopen_its_study(store, tmp_path):
+    """The same instance found again in the archive (a copy at another path) is a duplicate:
+    its classified study keeps its state and generation, so no second report is written."""
+    import os
+
+    from xrvd.store.archive import ArchiveFile
+    from xrvd.store.records import read_header
+
+    first = tmp_path / "archive" / "a" / "nih.dcm"
+    copy_with_new_uids(NIH_SC, first)
+    [outcome] = store.register_in_place([ArchiveFile(first, os.stat(first), read_header(first))])
+    assert outcome.status == "stored"
+    [claim] = store.claim_ready_studies(0, "m", "w", 10)
+    store.finish_run(claim, {outcome.instance_id: {"Pneumonia": 0.1}}, None)
+    before = store.query("SELECT state, generation FROM studies")
+
+    copy = tmp_path / "archive" / "b" / "nih-copy.dcm"
+    copy.parent.mkdir()
+    copy.write_bytes(first.read_bytes())
+    [again] = store.register_in_place([ArchiveFile(copy, os.stat(copy), read_header(copy))])
+    assert again.status == "duplicate"
+    assert store.query("SELECT state, generation FROM studies") == before == [("classified", 0)]
+    assert store.claim_ready_studies(0, "m", "w", 10) == []

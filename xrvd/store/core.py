@@ -177,6 +177,15 @@ class Store(ArchiveMixin):
         """Journal one instance inside the caller's transaction. in_place: the file stays where
         it is (an archive being back-filled) and is recorded by its absolute path."""
         now = time.time()
+        # A copy of an instance already journaled changes nothing, not even its study: checked
+        # first, so that it cannot reopen a classified study (a second report).
+        previous = self._latest_digest(db, sop_uid)
+        if previous is not None and digest is None:
+            digest = content_digest(target)  # raced with another copy, or read in place
+        if previous is not None and previous[2] == digest:
+            if not in_place:
+                os.unlink(target)  # raced with an identical copy
+            return StoreOutcome("duplicate", None, study_uid, sop_uid)
         study = db.execute("SELECT id, state FROM studies WHERE study_uid = ?",
                            (study_uid,)).fetchone()
         skip_reason = None
@@ -197,13 +206,6 @@ class Store(ArchiveMixin):
             if skip_reason is None:
                 db.execute("UPDATE studies SET last_instance_at = ?, updated_at = ? "
                            "WHERE id = ?", (now, now, study_id))
-        previous = self._latest_digest(db, sop_uid)
-        if previous is not None and digest is None:
-            digest = content_digest(target)  # raced with another copy: compare now
-        if previous is not None and previous[2] == digest:
-            if not in_place:
-                os.unlink(target)  # raced with an identical copy
-            return StoreOutcome("duplicate", None, study_uid, sop_uid)
         version = 1 if previous is None else previous[1] + 1
         if previous is not None:
             db.execute("UPDATE instances SET state = 'superseded', updated_at = ? "
