@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import os
 import signal
 import sqlite3
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from . import log
 from .config import Config
@@ -43,7 +42,7 @@ from .pool import PreparePool
 from .progress import Progress, print_table
 from .store import NotStorableError, Store
 from .store.archive import ArchiveFile
-from .store.records import read_header
+from .store.records import open_read_only, read_header
 from .worker import Worker, select_rules
 
 REGISTER_BATCH = 256
@@ -167,7 +166,6 @@ class Backfill:
 
     def classify(self, store: Store, worker: Worker, pool: PreparePool,
                  progress: Progress) -> None:
-        identity = worker.classifier.identity
         total = store.query("SELECT COUNT(*) FROM instances WHERE state = 'stored'")[0][0]
         progress.start_phase("classify", total)
         round_size = max(self.config.model.batch_size, 4 * max(pool.processes, 1))
@@ -222,7 +220,7 @@ class Backfill:
 
     def summary(self, tally: Counter[str], elapsed: float, progress: Progress, waiting: int,
                 interrupted: bool) -> None:
-        rate = tally["classified"] / progress_time(progress) if tally["classified"] else 0.0
+        rate = tally["classified"] / progress.elapsed() if tally["classified"] else 0.0
         skipped = self.skip_reasons + Counter({k.split(":", 1)[1]: v for k, v in tally.items()
                                                if k.startswith("skipped:")})
         rows = [
@@ -321,15 +319,10 @@ def _verdict(prepared: Prepared) -> tuple[str, str, str]:
     return "classify", "", f"{header.get('Modality', '')} {view_of(header) or 'unknown'}"
 
 
-def progress_time(progress: Progress) -> float:
-    return max(time.monotonic() - progress.phase_started, 1e-9)
-
-
 def _read_only_journal(state_dir: Path) -> sqlite3.Connection | None:
-    path = Path(state_dir) / "journal.sqlite3"
-    if not path.exists():
+    db = open_read_only(state_dir)
+    if db is None:
         return None
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
     tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
     if "archive_files" not in tables:
         db.close()

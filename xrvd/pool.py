@@ -31,7 +31,7 @@ def _init_process() -> None:
     # pydicom's and highdicom's warnings quote values from the data (patient names among
     # them) and would reach the service's log unredacted; outcomes come back as results.
     warnings.simplefilter("ignore")
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # one process per core: no thread pools competing inside them
     # Below the model's threads: a preempted inference thread stalls all of them (they wait
     # for each other at every layer), while preparing and report writing only need to keep
     # one round ahead. They get the cores whenever the model waits.
@@ -49,7 +49,7 @@ def _die_with_parent() -> None:
     except (OSError, AttributeError):
         pass
     if os.getppid() == 1:  # the parent died before prctl took effect
-        os._exit(1)  # one process per core: no thread pools competing inside them
+        os._exit(1)
 
 
 class PreparePool:

@@ -46,9 +46,12 @@ class Progress:
             self._bar.set_postfix_str(self._postfix(), refresh=False)
         self._emit()
 
+    def elapsed(self) -> float:
+        """Seconds since the current phase started (never 0)."""
+        return max(time.monotonic() - self.phase_started, 1e-9)
+
     def rate(self) -> float:
-        elapsed = time.monotonic() - self.phase_started
-        return self.done / elapsed if elapsed > 0 else 0.0
+        return self.done / self.elapsed()
 
     def eta_s(self) -> float | None:
         rate = self.rate()

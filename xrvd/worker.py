@@ -183,9 +183,6 @@ class Worker:
         return functools.partial(prepare_instance, rules=self.rules, options=self.options,
                                  resolution=self.classifier.resolution)
 
-    def process(self, claims: list[StudyClaim]) -> None:
-        self.finish(self.complete(self.begin(claims)))
-
     def begin(self, claims: list[StudyClaim], submit: Submit = run_here) -> Round:
         """List the claimed studies' instances and hand them to `submit` for preparing;
         `complete` collects the results. Splitting the two lets a caller with a process pool

@@ -34,6 +34,7 @@ from .records import (
     StoreOutcome,
     StudyClaim,
     content_digest,
+    journal_path,
     migrate,
     read_header,
 )
@@ -45,7 +46,7 @@ class Store(ArchiveMixin):
         self.spool = self.state_dir / "spool"
         self.incoming = self.spool / ".incoming"
         self.incoming.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.state_dir / "journal.sqlite3", isolation_level=None,
+        self._db = sqlite3.connect(journal_path(self.state_dir), isolation_level=None,
                                    check_same_thread=False, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +108,21 @@ def migrate(db) -> None:
         present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
         if column not in present:
             db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+
+
+JOURNAL = "journal.sqlite3"
+
+
+def journal_path(state_dir: Path) -> Path:
+    return Path(state_dir) / JOURNAL
+
+
+def open_read_only(state_dir: Path, timeout: float = 10) -> sqlite3.Connection | None:
+    """The journal for reading while xrvd may be writing it; None when there is none yet."""
+    path = journal_path(state_dir)
+    if not path.exists():
+        return None
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout)
 
 
 class StoreError(XrvdError):

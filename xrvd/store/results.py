@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .records import StoreError
+from .records import StoreError, journal_path, open_read_only
 
 
 @dataclass(frozen=True)
@@ -47,11 +47,12 @@ ORDER BY r.finished_at, r.id, i.id
 
 
 def open_journal(state_dir: Path) -> sqlite3.Connection:
-    path = Path(state_dir) / "journal.sqlite3"
-    if not path.exists():
-        raise StoreError(f"no journal at {path}: nothing has been classified with this "
-                         "state_dir (run xrvd serve or xrvd backfill first)")
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    db = open_read_only(state_dir, timeout=30)
+    if db is None:
+        raise StoreError(f"no journal at {journal_path(state_dir)}: nothing has been "
+                         "classified with this state_dir (run xrvd serve or xrvd backfill "
+                         "first)")
+    return db
 
 
 def models_with_results(db: sqlite3.Connection) -> list[str]:

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from pathlib import Path
 
-from .records import StoreError
+from .records import StoreError, journal_path, open_read_only
 
 
 def read_status(state_dir: Path) -> dict:
     """What `xrvd status` shows, read-only, while the daemon may be running."""
-    path = Path(state_dir) / "journal.sqlite3"
-    if not path.exists():
-        raise StoreError(f"no journal at {path}: has xrvd serve run with this state_dir?")
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    db = open_read_only(state_dir)
+    if db is None:
+        raise StoreError(f"no journal at {journal_path(state_dir)}: has xrvd serve run with "
+                         "this state_dir?")
     try:
         studies = dict(db.execute("SELECT state, COUNT(*) FROM studies GROUP BY state"))
         instances = dict(db.execute("SELECT state, COUNT(*) FROM instances GROUP BY state"))
