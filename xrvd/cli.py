@@ -51,6 +51,7 @@ def _date(text: str):
 
 def build_parser() -> argparse.ArgumentParser:
     from .classify import FORMATS
+    from .export import FORMATS as EXPORT_FORMATS
     from .pipeline.registry import MODELS
 
     parser = argparse.ArgumentParser(
@@ -156,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="One row per classified image (its current result): UIDs, view, model, "
         "every label's score and call, timestamps.")
     export.add_argument("out", metavar="OUT", help="output file ('-': stdout, csv/jsonl only)")
-    export.add_argument("--format", choices=("csv", "jsonl", "parquet"), default=None,
+    export.add_argument("--format", choices=EXPORT_FORMATS, default=None,
                         help="default: from OUT's extension, else csv")
     export.add_argument("--since", type=_date, metavar="DATE",
                         help="only images classified on or after this date (YYYY-MM-DD)")

@@ -44,6 +44,11 @@ def labels_for(models: list[str]) -> list[str]:
     return list(labels)
 
 
+def threshold_of(result: ImageResult, default: float) -> float:
+    """The threshold the run recorded (journals from before it was recorded: the config's)."""
+    return result.threshold if result.threshold is not None else default
+
+
 def base_record(result: ImageResult, threshold: float) -> dict:
     return {
         "study_instance_uid": result.study_uid, "series_instance_uid": result.series_uid,
@@ -58,7 +63,7 @@ def base_record(result: ImageResult, threshold: float) -> dict:
 def wide_records(results: Iterator[ImageResult], labels: list[str],
                  default_threshold: float) -> Iterator[dict]:
     for result in results:
-        threshold = result.threshold if result.threshold is not None else default_threshold
+        threshold = threshold_of(result, default_threshold)
         record = base_record(result, threshold)
         for label in labels:
             score = result.scores.get(label)
@@ -112,7 +117,7 @@ def _write_text(results: Iterator[ImageResult], labels: list[str], fmt: str, f: 
             count += 1
         return count
     for result in results:
-        threshold = result.threshold if result.threshold is not None else default_threshold
+        threshold = threshold_of(result, default_threshold)
         record = base_record(result, threshold)
         record["findings"] = {label: {"score": score, "positive": score >= threshold}
                               for label, score in sorted(result.scores.items(),
