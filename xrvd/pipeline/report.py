@@ -12,20 +12,24 @@ from __future__ import annotations
 
 import datetime
 import functools
+import io
 import re
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import highdicom as hd
+import pydicom
 from highdicom.sr import CodedConcept
-from pydicom.dataelem import RawDataElement
+from highdicom.sr.utils import collect_evidence
 from pydicom.dataset import Dataset
-from pydicom.tag import Tag
 from pydicom.sr.codedict import codes
+from pydicom.tag import Tag
+from pydicom.valuerep import DA, TM
 
 from .. import __version__
 from .models import ModelIdentity
-from .srencode import Fill, GroupTemplates
+from .srencode import DocumentTemplate, Fill, GroupTemplates, encode_item
 
 MANUFACTURER = "xrvd"
 PRIVATE_SCHEME = "99XRVD"
@@ -59,8 +63,6 @@ FINDING_CODES: dict[str, tuple[str, str, str]] = {
     "Enlarged Cardiomediastinum": ("XRVD003", PRIVATE_SCHEME, "Enlarged cardiomediastinum"),
 }
 CHARACTER_SET = "ISO_IR 192"
-IMAGING_MEASUREMENTS = "126010"
-CONTENT_SEQUENCE = Tag(0x0040, 0xA730)
 DEFAULT_SERIES_DESCRIPTION = "AI RESULT (xrvd) - not a radiologist read"
 
 
@@ -136,75 +138,50 @@ def _findings(source: Dataset, image_scores: dict[str, float], identity: ModelId
     ]
 
 
+@dataclass(frozen=True)
+class _Settings:
+    """What a report depends on besides its study (a template is made per value)."""
+    identity: ModelIdentity
+    threshold: float
+    flavour: str
+    series_number: int
+    series_description: str
+
+
 def build_report(sources: Sequence[Dataset], scores: dict[str, dict[str, float]],
                  identity: ModelIdentity, threshold: float, *, generation: int = 0,
                  flavour: str = "comprehensive3d", series_number: int = 9901,
                  series_description: str = DEFAULT_SERIES_DESCRIPTION,
-                 predecessor: Dataset | None = None, encoded_groups: bool = True) -> Dataset:
+                 predecessor: Dataset | None = None, templates: bool = True) -> Dataset:
     """sources: the classified images (headers suffice); scores: SOP Instance UID -> label ->
     score in [0, 1], only for labels the model really predicts.
 
-    encoded_groups: fill the measurement groups from templates (srencode.py) instead of
-    building every one through highdicom; the result is the same report, about 20 times
-    faster. False builds every group the slow way (tests compare the two)."""
+    templates: fill the document and its measurement groups in from templates (srencode.py)
+    that highdicom built once; the result is the same report, about 20 times faster. False
+    builds all of it through highdicom (tests compare the two)."""
     if not sources:
         raise ValueError("a report needs at least one classified image")
     sources = [_with_type2_attributes(source) for source in sources]
     for source in sources:  # highdicom's checks that each source is an image we may cite
         hd.sr.SourceImageForMeasurement.from_source_image(source)
-    study_uid = str(sources[0].StudyInstanceUID)
-    algorithm = _algorithm(identity, threshold)
     if identity.untrained:  # never let random test weights pass for a result
         series_description = f"UNTRAINED TEST - {series_description}"[:64]
+    settings = _Settings(identity, threshold, flavour, series_number, series_description)
     findings = [_findings(source, scores[str(source.SOPInstanceUID)], identity, threshold,
                           generation) for source in sources]
-    encoded = None
-    if encoded_groups:
+    sr = None
+    if templates:
         try:
-            templates = _templates(identity, threshold)
-            encoded = b"".join(templates.group(*finding)
-                               for image in findings for finding in image)
+            sr = _from_templates(_document_template(settings), settings, sources, findings,
+                                 generation)
         except ValueError:  # a template that does not fit: build the slow way
-            encoded = None
-    # With encoded groups, highdicom gets each image's first group only (the evidence and
-    # the document around them); the container then receives all the encoded groups.
-    groups = [_group(algorithm, *finding)
-              for image in findings for finding in (image[:1] if encoded else image)]
-    device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=stable_uid("device", identity.name),
-        name="xrvd", manufacturer_name=MANUFACTURER, model_name=identity.name,
-    )
-    context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device, observer_identifying_attributes=device))
-    report = hd.sr.MeasurementReport(observation_context=context,
-                                     procedure_reported=PROCEDURE, imaging_measurements=groups)
-    equipment = hd.ContributingEquipment(
-        manufacturer=MANUFACTURER, purpose_of_reference=codes.DCM.ProcessingEquipment,
-        manufacturer_model_name=identity.name, software_versions=__version__,
-        contribution_datetime=datetime.datetime.now(datetime.timezone.utc),
-        contribution_description="AI classification of chest radiographs")
-    cls = hd.sr.Comprehensive3DSR if flavour == "comprehensive3d" else hd.sr.EnhancedSR
-    sr = cls(
-        evidence=list(sources), content=report,
-        series_instance_uid=stable_uid("series", study_uid, identity.name,
-                                       identity.weights_sha256, str(generation)),
-        series_number=series_number,
-        sop_instance_uid=report_uid(study_uid, identity.name, identity.weights_sha256,
-                                    generation),
-        instance_number=generation + 1, manufacturer=MANUFACTURER,
-        is_complete=True, is_final=False, is_verified=False,
-        contributing_equipment=[equipment],
-        series_description=series_description,
-    )
+            sr = None
+    if sr is None:
+        sr = _with_highdicom(settings, sources, findings, generation)
     if "PatientAge" in sr and not re.fullmatch(r"\d{3}[DWMY]", str(sr.PatientAge)):
         del sr.PatientAge  # lenient on input, strict on output: an invalid age is dropped
     if predecessor is not None:
         sr.PredecessorDocumentsSequence = [_hierarchical_reference(predecessor)]
-    sr.SpecificCharacterSet = CHARACTER_SET
-    if encoded is not None:
-        _replace_measurements(sr, encoded)
-    sr.ManufacturerModelName = identity.name
-    sr.SoftwareVersions = __version__
     if any(c[1] == PRIVATE_SCHEME for label in set().union(*map(set, scores.values()))
            for c in [FINDING_CODES[label]]):
         scheme = Dataset()
@@ -215,25 +192,176 @@ def build_report(sources: Sequence[Dataset], scores: dict[str, dict[str, float]]
     return sr
 
 
+def _series_uid(settings: _Settings, study_uid: str, generation: int) -> str:
+    identity = settings.identity
+    return stable_uid("series", study_uid, identity.name, identity.weights_sha256,
+                      str(generation))
+
+
+def _equipment(identity: ModelIdentity) -> hd.ContributingEquipment:
+    return hd.ContributingEquipment(
+        manufacturer=MANUFACTURER, purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=identity.name, software_versions=__version__,
+        contribution_datetime=datetime.datetime.now(datetime.timezone.utc),
+        contribution_description="AI classification of chest radiographs")
+
+
+def _with_highdicom(settings: _Settings, sources: list[Dataset],
+                    findings: list[list[tuple[str, bool, Fill]]], generation: int) -> Dataset:
+    """The whole document through highdicom: the yardstick of the templates."""
+    identity = settings.identity
+    study_uid = str(sources[0].StudyInstanceUID)
+    algorithm = _algorithm(identity, settings.threshold)
+    groups = [_group(algorithm, *finding) for image in findings for finding in image]
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=stable_uid("device", identity.name),
+        name="xrvd", manufacturer_name=MANUFACTURER, model_name=identity.name,
+    )
+    context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device, observer_identifying_attributes=device))
+    report = hd.sr.MeasurementReport(observation_context=context,
+                                     procedure_reported=PROCEDURE, imaging_measurements=groups)
+    cls = hd.sr.Comprehensive3DSR if settings.flavour == "comprehensive3d" else hd.sr.EnhancedSR
+    sr = cls(
+        evidence=list(sources), content=report,
+        series_instance_uid=_series_uid(settings, study_uid, generation),
+        series_number=settings.series_number,
+        sop_instance_uid=report_uid(study_uid, identity.name, identity.weights_sha256,
+                                    generation),
+        instance_number=generation + 1, manufacturer=MANUFACTURER,
+        is_complete=True, is_final=False, is_verified=False,
+        contributing_equipment=[_equipment(identity)],
+        series_description=settings.series_description,
+    )
+    sr.SpecificCharacterSet = CHARACTER_SET
+    sr.ManufacturerModelName = identity.name
+    sr.SoftwareVersions = __version__
+    return sr
+
+
+# The root elements that belong to one study: the template leaves them out, and
+# _from_templates puts the study's own in (the patient and study attributes as highdicom
+# copies them from the first image).
+_PER_STUDY = {Tag(keyword) for keyword in (
+    "SOPInstanceUID", "SeriesInstanceUID", "InstanceNumber", "StudyInstanceUID",
+    "ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime",
+    "CurrentRequestedProcedureEvidenceSequence", "PertinentOtherEvidenceSequence",
+    "ContributingEquipmentSequence", "PatientName", "PatientID", "PatientBirthDate",
+    "PatientSex", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
+    "AccessionNumber")}
+
+
+@dataclass(frozen=True)
+class _DocumentTemplate:
+    document: DocumentTemplate
+    highdicom_equipment: Dataset  # the last Contributing Equipment item, the same for all
+
+
+def _from_templates(template: _DocumentTemplate, settings: _Settings, sources: list[Dataset],
+                    findings: list[list[tuple[str, bool, Fill]]], generation: int) -> Dataset:
+    identity = settings.identity
+    groups = _templates(identity, settings.threshold)
+    encoded = b"".join(groups.group(*finding) for image in findings for finding in image)
+    study_uid = str(sources[0].StudyInstanceUID)
+    sop_uid = report_uid(study_uid, identity.name, identity.weights_sha256, generation)
+    sr = template.document.new(encoded, sop_uid)
+    sr.add_new("SOPInstanceUID", "UI", sop_uid)
+    sr.add_new("SeriesInstanceUID", "UI", _series_uid(settings, study_uid, generation))
+    sr.add_new("InstanceNumber", "IS", generation + 1)
+    now = datetime.datetime.now()
+    for keyword, vr, value in (("InstanceCreationDate", "DA", DA(now.date())),
+                               ("InstanceCreationTime", "TM", TM(now.time())),
+                               ("ContentDate", "DA", DA(now.date())),
+                               ("ContentTime", "TM", TM(now.time()))):
+        sr.add_new(keyword, vr, value)
+    sr.copy_patient_and_study_information(sources[0])
+    no_content = Dataset()  # what the content cites is in the sources by construction
+    no_content.ContentSequence = []
+    same_study, other_studies = collect_evidence(sources, no_content,
+                                                 study_instance_uid=study_uid)
+    if same_study:
+        sr.add_new("CurrentRequestedProcedureEvidenceSequence", "SQ", same_study)
+    if other_studies:
+        sr.add_new("PertinentOtherEvidenceSequence", "SQ", other_studies)
+    equipment: list[Dataset] = []
+    try:
+        equipment.append(hd.ContributingEquipment.for_image_acquisition(sources[0]))
+    except Exception:  # noqa: BLE001 - as highdicom: no acquisition item for such a source
+        pass
+    sr.add_new("ContributingEquipmentSequence", "SQ",
+               [*equipment, _equipment(identity), template.highdicom_equipment])
+    return sr
+
+
+@functools.lru_cache(maxsize=16)
+def _document_template(settings: _Settings) -> _DocumentTemplate:
+    """The template, made from a report highdicom builds for a placeholder image, and checked:
+    filled in for a second, different image it must give what highdicom gives for that one
+    (else ValueError, and reports are built the slow way)."""
+    def report_for(source: Dataset) -> tuple[list[Dataset], list[list[tuple[str, bool, Fill]]]]:
+        scores = {"Cardiomegaly": 0.75}
+        return [source], [_findings(source, scores, settings.identity, settings.threshold, 0)]
+
+    first = _with_highdicom(settings, *report_for(_placeholder_image(1)), 0)
+    [_context, *_, measurements] = first.ContentSequence
+    [group] = measurements.ContentSequence
+    template = _DocumentTemplate(
+        DocumentTemplate(first, encode_item(group, [CHARACTER_SET]), _PER_STUDY,
+                         [CHARACTER_SET]),
+        first.ContributingEquipmentSequence[-1])
+    second = report_for(_placeholder_image(2))
+    if comparable(_from_templates(template, settings, *second, 0)) != comparable(
+            _with_highdicom(settings, *second, 0)):
+        raise ValueError("the report template does not give what highdicom builds")
+    return template
+
+
+def _placeholder_image(number: int) -> Dataset:
+    """A chest CR header for templates; the second one has more of what a study carries."""
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # CR Image Storage
+    ds.SOPInstanceUID = f"2.25.{number}1"
+    ds.StudyInstanceUID = f"2.25.{number}2"
+    ds.SeriesInstanceUID = f"2.25.{number}3"
+    ds.Modality = "CR"
+    ds.Rows = ds.Columns = 64
+    for keyword in _TYPE2:
+        setattr(ds, keyword, "")
+    if number > 1:
+        ds.PatientName = "Placeholder^Patient"
+        ds.PatientID = "P2"
+        ds.PatientBirthDate = "19700101"
+        ds.PatientSex = "O"
+        ds.PatientAge = "055Y"
+        ds.StudyDate = "20200101"
+        ds.StudyTime = "120000"
+        ds.AccessionNumber = "A2"
+        ds.StudyDescription = "CHEST"
+        ds.Manufacturer = "Placeholder"
+        ds.StationName = "STATION2"
+    return ds
+
+
+TIMESTAMPS = ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime")
+
+
+def comparable(sr: Dataset) -> Dataset:
+    """A report as written and read back, less the moments it was made: two reports of the
+    same study and run compare equal."""
+    buffer = io.BytesIO()
+    sr.save_as(buffer, enforce_file_format=True)
+    back = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+    for keyword in TIMESTAMPS:
+        back.pop(keyword, None)
+    for item in back.ContributingEquipmentSequence:
+        item.pop("ContributionDateTime", None)
+    return back
+
+
 # Type 2 attributes the SR copies from its evidence: real files often lack them entirely;
 # present but empty is what DICOM asks for then (the source files are never changed).
 _TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
           "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
-
-
-def _replace_measurements(sr: Dataset, encoded: bytes) -> None:
-    """Put the encoded groups into the Imaging Measurements container, as a raw element:
-    pydicom writes it as it is, and decodes it if the dataset is read in memory."""
-    for item in sr.ContentSequence:
-        if item.ConceptNameCodeSequence[0].CodeValue == IMAGING_MEASUREMENTS:
-            item[CONTENT_SEQUENCE] = RawDataElement(
-                CONTENT_SEQUENCE, "SQ", 0xFFFFFFFF, encoded, 0, False, True)
-            # Declared as already encoded the way they will be written, so that pydicom
-            # writes the raw groups as they are instead of decoding them first.
-            for dataset in (sr, item):
-                dataset.set_original_encoding(False, True, dataset._character_set)
-            return
-    raise ValueError("the report has no Imaging Measurements container")
 
 
 def _with_type2_attributes(source: Dataset) -> Dataset:
