@@ -70,6 +70,8 @@ class Daemon:
         self.store = Store(config.state_dir)
         recovered = self.store.recover()
         self.log.info("journal.recovered", state_dir=str(config.state_dir), **recovered)
+        if config.service.worker_processes:  # they start while the model loads
+            self.pool = PreparePool(config.service.worker_processes)
         classifier = Classifier.from_config(config)
         identity = classifier.identity
         if identity.untrained:
@@ -80,8 +82,8 @@ class Daemon:
         self.deliverer = Deliverer(config, self.store)
         self.deliverer.start()
         self.worker = Worker(config, self.store, classifier, on_report=self.deliverer.wake)
-        if config.service.worker_processes:
-            self.pool = PreparePool(config.service.worker_processes)
+        if self.pool is not None:
+            self.pool.wait_warm()
             self.worker.submit = self.pool
         self.worker.start()
         if config.scp.enabled:

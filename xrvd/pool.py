@@ -13,6 +13,7 @@ import concurrent.futures
 import multiprocessing
 import os
 import signal
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -23,9 +24,14 @@ from .reportwriter import ReportWritten
 PREPARE_NICENESS = 10
 
 
-def _init_process() -> None:
+_warm_up_barrier = None
+
+
+def _init_process(barrier) -> None:
     import torch
 
+    global _warm_up_barrier
+    _warm_up_barrier = barrier
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     # pydicom's and highdicom's warnings quote values from the data (patient names among
@@ -36,6 +42,19 @@ def _init_process() -> None:
     # for each other at every layer), while preparing and report writing only need to keep
     # one round ahead. They get the cores whenever the model waits.
     os.nice(PREPARE_NICENESS)
+
+
+def _warm_up() -> int:
+    """Have this process load what its first jobs would (the tables highdicom reads on first
+    use), then wait for its siblings, so that each process takes exactly one of these."""
+    from highdicom._standard_utils import does_iod_have_pixel_data
+
+    does_iod_have_pixel_data("1.2.840.10008.5.1.4.1.1.1")
+    try:
+        _warm_up_barrier.wait(timeout=120)
+    except threading.BrokenBarrierError:
+        pass  # a sibling died or is slow: it is only a warm-up
+    return os.getpid()
 
 
 def _die_with_parent() -> None:
@@ -67,9 +86,16 @@ class PreparePool:
         # children, so they can follow the parent's death (see _die_with_parent).
         context = multiprocessing.get_context("spawn")
         self._executor = concurrent.futures.ProcessPoolExecutor(
-            self.processes, mp_context=context, initializer=_init_process)
-        for _ in range(self.processes):  # start them now, while the crawl runs
-            self._executor.submit(os.getpid)
+            self.processes, mp_context=context, initializer=_init_process,
+            initargs=(context.Barrier(self.processes),))
+        # Start them now, while the caller loads the model or crawls.
+        self._warming = [self._executor.submit(_warm_up) for _ in range(self.processes)]
+
+    def wait_warm(self) -> None:
+        """Return once every process has started and loaded its libraries (about 2 s):
+        a service is ready when it can work at full speed."""
+        if self._executor is not None:
+            concurrent.futures.wait(self._warming)
 
     def __call__(self, function: Callable[[Any], Any],
                  jobs: list[Any]) -> Callable[[], list[Any]]:
