@@ -114,6 +114,9 @@ def check_dataset(ds: Dataset, path: object = "<dataset>") -> None:
 def decode_pixels(ds: Dataset, path: object = "<dataset>") -> np.ndarray:
     """The stored pixel values as a 2-D array (pydicom's plugins do the decoding)."""
     syntax = ds.file_meta.TransferSyntaxUID
+    # A read-only view of uncompressed pixel data instead of a copy: conversion never
+    # writes into it.
+    ds.pixel_array_options(view_only=True)
     try:
         pixels = ds.pixel_array
     except ValueError as exc:
