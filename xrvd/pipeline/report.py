@@ -283,14 +283,50 @@ def _from_templates(template: _DocumentTemplate, settings: _Settings, sources: l
         sr.add_new("CurrentRequestedProcedureEvidenceSequence", "SQ", same_study)
     if other_studies:
         sr.add_new("PertinentOtherEvidenceSequence", "SQ", other_studies)
-    equipment: list[Dataset] = []
-    try:
-        equipment.append(hd.ContributingEquipment.for_image_acquisition(sources[0]))
-    except Exception:  # noqa: BLE001 - as highdicom: no acquisition item for such a source
-        pass
     sr.add_new("ContributingEquipmentSequence", "SQ",
-               [*equipment, _equipment(identity), template.highdicom_equipment])
+               [*_acquisition_equipment(sources[0]), _equipment(identity),
+                template.highdicom_equipment])
     return sr
+
+
+def _acquisition_equipment(source: Dataset) -> list[Dataset]:
+    """The item highdicom's ContributingEquipment.for_image_acquisition makes (none where it
+    raises), without its look-up of the SOP class in the standard's tables for every report
+    (a third of a report's time); the template's check covers it."""
+    manufacturer = source.get("Manufacturer")
+    if not manufacturer or not _is_image_class(str(source.get("SOPClassUID", ""))):
+        return []
+    when = source.get("AcquisitionDateTime")
+    if when is None:
+        date, time = source.get("AcquisitionDate"), source.get("AcquisitionTime")
+        if isinstance(date, datetime.date) and isinstance(time, datetime.time):
+            when = datetime.datetime.combine(date, time)
+    try:
+        return [hd.ContributingEquipment(
+            manufacturer=manufacturer, purpose_of_reference=codes.DCM.AcquisitionEquipment,
+            manufacturer_model_name=source.get("ManufacturerModelName"),
+            software_versions=source.get("SoftwareVersions"),
+            device_serial_number=source.get("DeviceSerialNumber"),
+            institution_name=source.get("InstitutionName"),
+            institutional_department_name=source.get("InstitutionalDepartmentName"),
+            institution_address=source.get("InstitutionAddress"),
+            station_name=source.get("StationName"), contribution_datetime=when,
+            contribution_description="Acquisition equipment of the source image(s)")]
+    except Exception:  # noqa: BLE001 - as highdicom: no acquisition item for such a source
+        return []
+
+
+@functools.lru_cache(maxsize=64)
+def _is_image_class(sop_class_uid: str) -> bool:
+    """highdicom's own test, once per SOP class."""
+    probe = Dataset()
+    probe.SOPClassUID = sop_class_uid
+    probe.Manufacturer = "probe"
+    try:
+        hd.ContributingEquipment.for_image_acquisition(probe)
+    except Exception:  # noqa: BLE001 - not an image, or a SOP class highdicom does not know
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=16)
@@ -338,7 +374,11 @@ def _placeholder_image(number: int) -> Dataset:
         ds.AccessionNumber = "A2"
         ds.StudyDescription = "CHEST"
         ds.Manufacturer = "Placeholder"
+        ds.ManufacturerModelName = "Model2"
         ds.StationName = "STATION2"
+        ds.InstitutionName = "Institution2"
+        ds.AcquisitionDate = "20200101"
+        ds.AcquisitionTime = "115900"
     return ds
 
 
