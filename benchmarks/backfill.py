@@ -69,6 +69,9 @@ def generate(kind: str, folder: Path, count: int, per_study: int = 1) -> None:
         target = folder / f"{number // 100:03d}" / f"{number:05d}.dcm"
         target.parent.mkdir(parents=True, exist_ok=True)
         ds.save_as(target, enforce_file_format=True)
+    # Written out now, so that the disk is not still busy with them while a run is timed
+    # (gigabytes of them would slow every fsync the daemon makes).
+    os.sync()
 
 
 # --- the measurements, each in a child process (run with --child) ------------------------
