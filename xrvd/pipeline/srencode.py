@@ -1,6 +1,6 @@
-"""Fast reports: highdicom builds each kind of TID 1501 group once, and one whole document per
-model and settings; pydicom encodes them once; every later report reuses those bytes and
-elements with its own values put in.
+"""Fast measurement groups for the report: highdicom builds each kind of TID 1501 group once,
+pydicom encodes it once, and every later group of that kind is the same bytes with its own
+values put in (srdocument.py does the same for the document around them).
 
 Why: a report holds one group per image and label (18 for most models). Building and writing
 them through highdicom and pydicom costs about 15 ms per group, 0.3 s for a one-image study,
@@ -13,11 +13,6 @@ Every sequence and item in a template has undefined length (delimited), so a val
 changes length changes only its own element's length field. A template whose placeholders do
 not each appear exactly as often as expected is refused and the caller builds the slow way;
 tests check that both ways give the same report.
-
-The document around the groups is a DocumentTemplate: the root elements that do not depend on
-the study, shared, and the content tree as bytes before and after the groups. The report
-module fills in the study's own elements, and checks, once per template, that doing so gives
-the very document highdicom builds.
 """
 
 from __future__ import annotations
@@ -26,8 +21,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_sequence_item
 from pydicom.valuerep import DS
@@ -147,38 +141,3 @@ class GroupTemplates:
             self._templates[key] = GroupTemplate(encode_item(item, self._encodings))
         return self._templates[key].fill(values)
 
-
-CONTENT_SEQUENCE = 0x0040A730
-
-
-class DocumentTemplate:
-    """A report made by highdicom, less the elements named in `per_study`, with its content
-    tree encoded around its measurement groups (`groups`, encoded as GroupTemplates gives
-    them, must occur in it exactly once)."""
-
-    def __init__(self, document: Dataset, groups: bytes, per_study: set[int],
-                 encodings: list[str]):
-        self.cls = type(document)
-        self.encodings = encodings
-        content = b"".join(encode_item(item, encodings) for item in document.ContentSequence)
-        if content.count(groups) != 1:
-            raise ValueError("document template: the groups are not where expected")
-        self.before, self.after = content.split(groups)
-        self.root = {tag: element for tag, element in document.items()
-                     if tag not in per_study and tag != CONTENT_SEQUENCE}
-        self.file_meta = document.file_meta
-
-    def new(self, groups: bytes, sop_instance_uid: str) -> Dataset:
-        """A document holding `groups` and the template's shared elements. The caller adds
-        the study's own elements; it must replace elements, never change one in place."""
-        document = self.cls.__new__(self.cls)
-        Dataset.__init__(document, dict(self.root))
-        document[CONTENT_SEQUENCE] = RawDataElement(
-            CONTENT_SEQUENCE, "SQ", 0xFFFFFFFF, self.before + groups + self.after, 0, False,
-            True)
-        # Declared as encoded the way it will be written, so pydicom writes the raw content
-        # as it is instead of decoding it first.
-        document.set_original_encoding(False, True, document._character_set)
-        document.file_meta = FileMetaDataset(dict(self.file_meta))
-        document.file_meta.add_new(0x00020003, "UI", sop_instance_uid)  # Media Storage SOP
-        return document
