@@ -210,3 +210,29 @@ def test_archive_copy_of_a_reported_instance_does_not_reopen_its_study(store, tm
     assert again.status == "duplicate"
     assert store.query("SELECT state, generation FROM studies") == before == [("classified", 0)]
     assert store.claim_ready_studies(0, "m", "w", 10) == []
+
+
+def test_archive_file_changed_in_place_is_a_new_version(store, tmp_path):
+    """A back-filled file rewritten with other pixels (same SOP Instance UID) is journaled as
+    version 2 and reopens its study: its old content cannot be compared any more."""
+    import os
+
+    import numpy as np
+
+    from xrvd.store.archive import ArchiveFile
+    from xrvd.store.records import read_header
+
+    path = tmp_path / "archive" / "nih.dcm"
+    copy_with_new_uids(NIH_SC, path)
+    [first] = store.register_in_place([ArchiveFile(path, os.stat(path), read_header(path))])
+    [claim] = store.claim_ready_studies(0, "m", "w", 10)
+    store.finish_run(claim, {first.instance_id: {"Pneumonia": 0.1}}, None)
+
+    ds = pydicom.dcmread(path)
+    ds.PixelData = (255 - ds.pixel_array).astype(np.uint8).tobytes()
+    ds.save_as(path)
+    [changed] = store.register_in_place([ArchiveFile(path, os.stat(path), read_header(path))])
+    assert changed.status == "new_version" and changed.instance_id != first.instance_id
+    assert store.query("SELECT version, state FROM instances ORDER BY version") == [
+        (1, "superseded"), (2, "stored")]
+    assert store.query("SELECT state, generation FROM studies") == [("receiving", 1)]

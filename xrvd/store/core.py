@@ -148,12 +148,18 @@ class Store(ArchiveMixin):
                                     (sop_uid,)).fetchone()
         return content_digest(path) if seen else None
 
-    def _latest_digest(self, db, sop_uid: str) -> tuple[int, int, str] | None:
+    def _latest_digest(self, db, sop_uid: str,
+                       replacing: str | None = None) -> tuple[int, int, str] | None:
+        """The latest version's id, version and content hash ("" when it cannot be known).
+        replacing: the path being journaled now; when the latest version was read in place
+        from that very path, the file has changed since and its old content is gone."""
         row = db.execute("SELECT id, version, content_sha256, path FROM instances "
                          "WHERE sop_uid = ? ORDER BY version DESC LIMIT 1", (sop_uid,)).fetchone()
         if row is None:
             return None
         instance_id, version, digest, path = row
+        if digest is None and path == replacing:
+            return instance_id, version, ""
         if digest is None:
             try:
                 digest = content_digest(self.spool / path)
@@ -180,7 +186,8 @@ class Store(ArchiveMixin):
         now = time.time()
         # A copy of an instance already journaled changes nothing, not even its study: checked
         # first, so that it cannot reopen a classified study (a second report).
-        previous = self._latest_digest(db, sop_uid)
+        stored_path = str(target.resolve() if in_place else target.relative_to(self.spool))
+        previous = self._latest_digest(db, sop_uid, stored_path if in_place else None)
         if previous is not None and digest is None:
             digest = content_digest(target)  # raced with another copy, or read in place
         if previous is not None and previous[2] == digest:
@@ -212,7 +219,6 @@ class Store(ArchiveMixin):
             db.execute("UPDATE instances SET state = 'superseded', updated_at = ? "
                        "WHERE id = ?", (now, previous[0]))
             self._transition(db, "instance", previous[0], "superseded", "new_version")
-        stored_path = str(target.resolve() if in_place else target.relative_to(self.spool))
         instance_id = db.execute(
             "INSERT INTO instances(study_id, sop_uid, version, series_uid, sop_class_uid, "
             "content_sha256, path, size, source, state, reason, received_at, updated_at, "
