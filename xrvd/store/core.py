@@ -393,7 +393,10 @@ class Store(ArchiveMixin):
         for leftover in self.incoming.iterdir():
             leftover.unlink(missing_ok=True)
         with self._lock:
-            known = {row[0] for row in self._db.execute("SELECT path FROM instances")}
+            # Spool files only: archive files read in place (absolute paths, possibly
+            # millions after a back-fill) can never be orphans in the spool.
+            known = {row[0] for row in self._db.execute(
+                "SELECT path FROM instances WHERE path NOT LIKE '/%'")}
         orphans = 0
         for path in self.spool.glob("??/*.dcm"):
             if str(path.relative_to(self.spool)) not in known:
