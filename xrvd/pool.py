@@ -47,9 +47,9 @@ def _init_process(barrier) -> None:
 def _warm_up() -> int:
     """Have this process load what its first jobs would (the tables highdicom reads on first
     use), then wait for its siblings, so that each process takes exactly one of these."""
-    from highdicom._standard_utils import does_iod_have_pixel_data
+    from .pipeline.srdocument import is_image_class
 
-    does_iod_have_pixel_data("1.2.840.10008.5.1.4.1.1.1")
+    is_image_class("1.2.840.10008.5.1.4.1.1.1")  # CR Image Storage
     try:
         _warm_up_barrier.wait(timeout=120)
     except threading.BrokenBarrierError:

@@ -152,9 +152,10 @@ def build_report(sources: Sequence[Dataset], scores: dict[str, dict[str, float]]
     """sources: the classified images (headers suffice); scores: SOP Instance UID -> label ->
     score in [0, 1], only for labels the model really predicts.
 
-    templates: fill the document and its measurement groups in from templates (srencode.py)
-    that highdicom built once; the result is the same report in about 3.5 ms instead of
-    about 0.3 s for one image. False builds all of it through highdicom (tests compare)."""
+    templates: fill the document and its measurement groups in from templates that highdicom
+    built once (srdocument.py, srencode.py); the result is the same report in about 3.5 ms
+    instead of about 0.3 s for one image. False builds all of it through highdicom (tests
+    compare the two)."""
     if not sources:
         raise ValueError("a report needs at least one classified image")
     sources = [_with_type2_attributes(source) for source in sources]

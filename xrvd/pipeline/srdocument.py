@@ -102,7 +102,7 @@ def _acquisition_equipment(source: Dataset) -> list[Dataset]:
     raises), without its look-up of the SOP class in the standard's tables for every report
     (a third of the time left); the template's check covers it."""
     manufacturer = source.get("Manufacturer")
-    if not manufacturer or not _is_image_class(str(source.get("SOPClassUID", ""))):
+    if not manufacturer or not is_image_class(str(source.get("SOPClassUID", ""))):
         return []
     when = source.get("AcquisitionDateTime")
     if when is None:
@@ -125,7 +125,7 @@ def _acquisition_equipment(source: Dataset) -> list[Dataset]:
 
 
 @functools.lru_cache(maxsize=64)
-def _is_image_class(sop_class_uid: str) -> bool:
+def is_image_class(sop_class_uid: str) -> bool:
     """highdicom's own test, once per SOP class."""
     probe = Dataset()
     probe.SOPClassUID = sop_class_uid

@@ -140,4 +140,3 @@ class GroupTemplates:
             item = self._build(label, present, placeholders)
             self._templates[key] = GroupTemplate(encode_item(item, self._encodings))
         return self._templates[key].fill(values)
-
