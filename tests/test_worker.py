@@ -83,6 +83,28 @@ def test_worker_keeps_going_after_a_failed_study(worker_factory, tmp_path):
     assert worker.alive()
 
 
+def test_a_round_whose_model_call_raises_is_retried_not_stranded(worker_factory, tmp_path):
+    """An unexpected error in a whole round (here the model itself) fails that round's
+    studies as attempts, which are retried; none stays 'processing' until a restart."""
+    worker, store = worker_factory()
+    predict_many = worker.classifier.predict_many
+    calls = []
+
+    def fails_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("the model fell over")
+        return predict_many(*args, **kwargs)
+
+    worker.classifier.predict_many = fails_once
+    copy_with_new_uids(NIH_SC, tmp_path / "a.dcm")
+    store.store_file(tmp_path / "a.dcm", source="test", move=False)
+    worker.start()
+    wait_for_states(store, {"classified": 1})
+    assert len(calls) == 2  # failed once, then classified on its retry
+    assert worker.alive()
+
+
 def test_result_names_never_come_from_unsafe_uids():
     assert safe_name("1.2.840.10008.1") == "1.2.840.10008.1"
     for hostile in ("../../etc/passwd", "1.2/3", "", "1." * 40):

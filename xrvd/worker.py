@@ -145,7 +145,6 @@ class Worker:
                                  self.submit)
             except Exception as exc:  # noqa: BLE001 - the worker must keep running
                 self.log.error("worker.error", error=repr(exc))
-                self._preparing = self._reporting = None  # their studies resume at restart
                 self._stop.wait(1.0)
                 continue
             finally:
@@ -166,15 +165,32 @@ class Worker:
         claims = self.store.claim_ready_studies(
             settle_seconds, identity.name, identity.weights_sha256, limit=limit) \
             if claim else []
-        upcoming = self.begin(claims, submit) if claims else None
-        classified = self.complete(self._preparing, submit) \
-            if self._preparing is not None else None
-        reporting, self._reporting = self._reporting, None
-        self._preparing = upcoming
-        if reporting is not None:
-            self.finish(reporting)
-        self._reporting = classified
+        preparing, reporting = self._preparing, self._reporting
+        self._preparing = self._reporting = None
+        # A stage that raises takes only its own studies down, as failed attempts (retried
+        # after study.retry_seconds): none is left 'processing' until the next start.
+        try:
+            try:
+                upcoming = self.begin(claims, submit) if claims else None
+            except Exception as exc:
+                self._fail_all(claims, exc)
+                raise
+            self._preparing = upcoming
+            try:
+                classified = self.complete(preparing, submit) if preparing is not None \
+                    else None
+            except Exception as exc:
+                self._fail_all([item.claim for item in preparing.work], exc)
+                raise
+            self._reporting = classified
+        finally:
+            if reporting is not None:  # its reports are written: record them in any case
+                self.finish(reporting)
         return any(stage is not None for stage in (upcoming, classified, reporting))
+
+    def _fail_all(self, claims: list[StudyClaim], exc: Exception) -> None:
+        for claim in claims:
+            self._fail(claim, f"{type(exc).__name__}: {exc}")
 
     # --- one round: several studies, shared batches -------------------------------------
 
