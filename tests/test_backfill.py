@@ -166,6 +166,7 @@ def test_dicomdir_media_and_limit(tmp_path, untrained_weights, allow_untrained, 
                  str(media)]) == 0
     summary = capsys.readouterr()
     assert "images classified" in summary.out + summary.err
+    assert '"study.classified"' in summary.out  # info events, as the config's log.level says
     db_path = tmp_path / "state" / "journal.sqlite3"
     with sqlite3.connect(db_path) as db:
         journaled = [row[0] for row in db.execute("SELECT sop_uid FROM instances")]
@@ -173,7 +174,9 @@ def test_dicomdir_media_and_limit(tmp_path, untrained_weights, allow_untrained, 
     assert sorted(journaled) == sorted(sops[:2])  # --limit 2: the CT was not taken yet
     assert classified == 2
 
-    assert main(["backfill", "-c", str(config), "--workers", "0", str(media / "DICOMDIR")]) == 0
+    assert main(["backfill", "-c", str(config), "--workers", "0", "--log-level", "warning",
+                 str(media / "DICOMDIR")]) == 0
+    assert '"study.classified"' not in capsys.readouterr().out  # --log-level wins
     with sqlite3.connect(db_path) as db:
         reasons = dict(db.execute("SELECT sop_uid, reason FROM instances"))
     assert reasons[sops[2]] == "modality"

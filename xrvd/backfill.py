@@ -355,15 +355,17 @@ class _ClassifierLoader:
         return self._classifier
 
 
-def run_backfill(config: Config, request: BackfillRequest) -> int:
+def run_backfill(config: Config, request: BackfillRequest,
+                 log_level: str | None = None) -> int:
     """On a terminal: a progress bar and the summary table. Otherwise (a service, a pipe): JSON
-    events on stdout, `backfill.progress` every 10 s, and the table on stderr."""
+    events on stdout, `backfill.progress` every 10 s, and the table on stderr. log_level (the
+    command line's --log-level) overrides the default level of either."""
     interactive = sys.stderr.isatty()
     if interactive or request.dry_run:
-        log.configure("warning", "console", stream="stderr",
+        log.configure(log_level or "warning", "console", stream="stderr",
                       include_patient_identifiers=config.log.include_patient_identifiers)
     else:
-        log.configure(config.log.level, config.log.format,
+        log.configure(log_level or config.log.level, config.log.format,
                       include_patient_identifiers=config.log.include_patient_identifiers)
     out = sys.stdout if interactive or request.dry_run else sys.stderr
     backfill = Backfill(config, request, out)

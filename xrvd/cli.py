@@ -246,7 +246,7 @@ def _backfill(args: argparse.Namespace, config) -> int:
         paths=tuple(args.paths), recursive=args.recursive, dry_run=args.dry_run,
         limit=args.limit, since=args.since,
         workers=available_cpus() if args.workers is None else args.workers)
-    return run_backfill(config, request)
+    return run_backfill(config, request, args.log_level)
 
 
 def _export(args: argparse.Namespace, config) -> int:
