@@ -81,7 +81,7 @@ def child_bare(args) -> dict:
     from xrvd.pipeline.models import Classifier
 
     classifier = Classifier.load(MODEL, Path(args.weights), threads=0, allow_untrained=True,
-                                 **_backend_argument(args.backend))
+                                 backend=args.backend)
     files = sorted(Path(args.folder).rglob("*.dcm"))
     array = prepare_file(files[0], classifier.resolution).array
     batch = np.repeat(array, args.batch_size, axis=0)
@@ -92,7 +92,7 @@ def child_bare(args) -> dict:
         images += args.batch_size
     elapsed = time.perf_counter() - started
     return {"images_per_s": images / elapsed, "peak_rss_mb": _own_peak_mb(),
-            "backend": getattr(classifier, "backend", "torch")}
+            "backend": classifier.backend}
 
 
 def child_reference(args) -> dict:
@@ -126,16 +126,6 @@ def _own_peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _backend_argument(backend: str) -> dict:
-    import inspect
-
-    from xrvd.pipeline.models import Classifier
-
-    if "backend" in inspect.signature(Classifier.load).parameters:
-        return {"backend": backend}
-    return {}
-
-
 # --- the back-fill, as a user runs it ---------------------------------------------------
 
 def tree_rss_mb(pid: int) -> float:
@@ -158,12 +148,11 @@ def tree_rss_mb(pid: int) -> float:
 def run_backfill(args, folder: Path, scratch: Path) -> dict:
     config = {
         "state_dir": str(scratch / "state"),
-        "model": {"name": MODEL, "weights_dir": args.weights, "batch_size": args.batch_size},
+        "model": {"name": MODEL, "weights_dir": args.weights, "batch_size": args.batch_size,
+                  "backend": args.backend},
         "output": {"folder": str(scratch / "out")},
         "log": {"level": "info"},
     }
-    if args.backend != "torch" or _has_backend_key():
-        config["model"]["backend"] = args.backend
     scratch.mkdir(parents=True, exist_ok=True)
     config_path = scratch / "xrvd.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -195,12 +184,6 @@ def run_backfill(args, folder: Path, scratch: Path) -> dict:
     return {"images_per_s": finished["rate_per_s"], "wall_s": wall,
             "wall_images_per_s": finished["classified"] / wall,
             "classified": finished["classified"], "peak_rss_mb": peak[0]}
-
-
-def _has_backend_key() -> bool:
-    from xrvd.config import ModelConfig
-
-    return "backend" in ModelConfig.model_fields
 
 
 def in_child(what: str, args, folder: Path) -> dict:
