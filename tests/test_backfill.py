@@ -10,18 +10,17 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from .conftest import CXR, DATA
-from .harness import DaemonProcess, copy_with_new_uids, write_config
 from pydicom.fileset import FileSet
 from pydicom.uid import generate_uid
 
 from xrvd.cli import main
 from xrvd.fsutil import StateDirLock
 
+from .conftest import CXR, NIH_SC, REJECT, RSNA_JPEG, TINY_CR, WG04_CR
+from .harness import DaemonProcess, copy_with_new_uids, write_config
+
 MODEL = "densenet121-res224-all"
-FRONTAL = [CXR / "wg04_cr_chest_mono1_15bit.dcm", CXR / "nih_dx_sc_mono2_8bit.dcm",
-           CXR / "rsna_cr_chest_jpeg_baseline.dcm"]
-REJECT = DATA / "reject"
+FRONTAL = [WG04_CR, NIH_SC, RSNA_JPEG]
 
 
 def build_archive(root: Path, copies: int) -> tuple[set[str], set[str]]:
@@ -41,7 +40,7 @@ def build_archive(root: Path, copies: int) -> tuple[set[str], set[str]]:
     studies.add(split)
     for reject in REJECT.glob("*.dcm"):
         copy_with_new_uids(reject, root / "other" / reject.name)
-    copy_with_new_uids(CXR / "tiny_cr_chest_mono1_32px.dcm", root / "other" / "tiny.dcm")
+    copy_with_new_uids(TINY_CR, root / "other" / "tiny.dcm")
     lateral = copy_with_new_uids(FRONTAL[1], root / "other" / "lateral.dcm", ViewPosition="LL")
     assert lateral.SOPInstanceUID not in sops
     truncated = root / "other" / "truncated.dcm"
