@@ -288,7 +288,7 @@ class Worker:
         folder = Path(self.config.output.folder) / safe_name(item.claim.study_uid)
         prefix = report_stem(identity, "")
         candidates = sorted(folder.glob(f"{prefix}*.dcm"),
-                            key=lambda p: int(p.stem[len(prefix):] or 0)
+                            key=lambda p: int(p.stem[len(prefix):])
                             if p.stem[len(prefix):].isdigit() else -1)
         if not candidates:
             return False
@@ -305,9 +305,7 @@ class Worker:
                 return False
             scores[row.id] = {labels.get(meaning, meaning): score
                               for meaning, (score, _) in findings[row.sop_uid].items()}
-        state = self.store.finish_run(
-            item.claim, scores, candidates[-1], [d.name for d in self.config.destinations],
-            threshold=self.config.model.threshold, untrained=identity.untrained)
+        state = self._record_run(item.claim, scores, candidates[-1])
         self.tally["adopted"] += len(scores)
         self.tally["already_reported"] += 1
         self.log.info("study.already_reported", study_instance_uid=item.claim.study_uid,
@@ -328,12 +326,7 @@ class Worker:
         if written is not None:
             self.log.info("report.written", study_instance_uid=claim.study_uid,
                           path=written.path, sop_instance_uid=written.sop_instance_uid)
-        state = self.store.finish_run(
-            claim, scores, result_path, [d.name for d in self.config.destinations],
-            threshold=self.config.model.threshold,
-            untrained=self.classifier.identity.untrained)
-        if result_path is not None and self.config.destinations:
-            self.on_report()
+        state = self._record_run(claim, scores, result_path)
         metrics.CLASSIFIED.inc(len(scores))
         self.tally["classified"] += len(scores)
         self.tally["reported"] += result_path is not None
@@ -349,6 +342,17 @@ class Worker:
                               for label, score in labels.items() if score >= threshold}),
             result=str(result_path) if result_path else None, next_state=state,
             duration_s=round(time.perf_counter() - item.started, 4))
+
+    def _record_run(self, claim: StudyClaim, scores: dict[int, dict[str, float]],
+                    result_path: Path | None) -> str:
+        """Journal a finished run (and its report's deliveries); wake the deliverer for them."""
+        state = self.store.finish_run(
+            claim, scores, result_path, [d.name for d in self.config.destinations],
+            threshold=self.config.model.threshold,
+            untrained=self.classifier.identity.untrained)
+        if result_path is not None and self.config.destinations:
+            self.on_report()
+        return state
 
     def _fail(self, claim: StudyClaim, reason: str) -> None:
         metrics.FAILED.inc()
