@@ -143,6 +143,24 @@ def test_dry_run_classifies_and_journals_nothing(tmp_path, untrained_weights, ca
     assert not (tmp_path / "out").exists()
 
 
+def test_dry_run_limit_counts_what_the_run_would_take(tmp_path, untrained_weights, capsys):
+    """--limit N in a dry run shows the N files the real run would journal, however many
+    non-DICOM files the crawl meets first."""
+    archive = tmp_path / "archive"
+    for n in range(3):
+        (archive / f"a-notes{n}.txt").parent.mkdir(parents=True, exist_ok=True)
+        (archive / f"a-notes{n}.txt").write_text("not an image")  # crawled first
+    for n, source in enumerate(FRONTAL[:2]):
+        copy_with_new_uids(source, archive / f"image{n}.dcm")
+    config = write_config(tmp_path, untrained_weights(MODEL),
+                          output={"folder": str(tmp_path / "out")})
+    assert main(["backfill", "-c", str(config), "--dry-run", "--limit", "2",
+                 "--workers", "0", str(archive)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sorted(line.split()[2] for line in lines if line.startswith("classify ")) == [
+        str(archive / "image0.dcm"), str(archive / "image1.dcm")]
+
+
 def test_dicomdir_media_and_limit(tmp_path, untrained_weights, allow_untrained, capsys):
     staging = tmp_path / "staging"
     media = tmp_path / "media"

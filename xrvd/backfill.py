@@ -120,9 +120,11 @@ class Backfill:
         limit = self.request.limit
         for batch in _batches(self.paths(), REGISTER_BATCH):
             files = []
+            looked_at = 0
             for path in batch:
                 if limit is not None and new >= limit:
                     break
+                looked_at += 1
                 self.found["found"] += 1
                 try:
                     stat = path.stat()
@@ -154,7 +156,7 @@ class Backfill:
                     self._skip_file(item.path, outcome.skipped, "journaled as skipped")
                 else:
                     self.found["journaled"] += 1
-            progress.advance(len(batch), found=len(batch))
+            progress.advance(looked_at, found=looked_at)
             if limit is not None and new >= limit:
                 break
 
@@ -264,12 +266,19 @@ class Backfill:
             prepare_instance, rules=self.rules, resolution=spec.resolution,
             options=ConvertOptions(**self.config.convert.model_dump()))
         actions: Counter[str] = Counter()
-        paths = self.paths()
-        if self.request.limit is not None:
-            paths = islice(paths, self.request.limit)
+        # --limit counts what the real run would journal now (files it would decode), and
+        # stops where it would stop.
+        remaining = self.request.limit
         try:
-            for batch in _batches(paths, 4 * max(pool.processes, 1)):
-                verdicts = [self._would(path, journal) for path in batch]
+            for batch in _batches(self.paths(), 4 * max(pool.processes, 1)):
+                verdicts = []
+                for path in batch:
+                    if remaining == 0:
+                        break
+                    verdicts.append(self._would(path, journal))
+                    if verdicts[-1] is None and remaining is not None:
+                        remaining -= 1
+                batch = batch[:len(verdicts)]
                 jobs = [PrepareJob(n, str(path)) for n, (path, verdict)
                         in enumerate(zip(batch, verdicts, strict=True)) if verdict is None]
                 for prepared in pool(function, jobs)():
@@ -278,6 +287,8 @@ class Backfill:
                     actions[f"{action}:{reason}" if reason else action] += 1
                     self.out.write(f"{action:<10} {reason or '-':<16} {path}"
                                    f"{'  ' + detail if detail else ''}\n")
+                if remaining == 0:
+                    break
         finally:
             pool.shutdown()
             if journal is not None:
