@@ -16,7 +16,7 @@ from pydicom.uid import (
 )
 
 from xrvd import errors
-from xrvd.pipeline.convert import ConvertOptions, prepare_dataset, prepare_file
+from xrvd.pipeline.convert import ConvertOptions, normalize, prepare_dataset, prepare_file
 from xrvd.pipeline.models import Classifier
 from xrvd.pipeline.read import read_dicom
 
@@ -91,6 +91,37 @@ def test_bits_above_bits_stored_are_masked():
     pixels = ds.pixel_array | np.uint16(1 << 15)  # an overlay in the unused high bit
     ds.PixelData = pixels.tobytes()
     assert np.array_equal(prepare_dataset(ds, 224).array, clean)
+
+
+def _torchxrayvision_normalize(pixels: np.ndarray, maxval: int, invert: bool) -> np.ndarray:
+    import torchxrayvision as xrv
+
+    if pixels.dtype.kind == "u":
+        pixels = pixels & maxval
+    return xrv.utils.normalize(maxval - pixels if invert else pixels, maxval)
+
+
+@pytest.mark.parametrize("invert", [False, True], ids=["plain", "inverted"])
+@pytest.mark.parametrize("dtype,maxval", [
+    (np.uint8, 255), (np.uint16, 4095), (np.uint16, 65535), (np.int64, 4095),
+    (np.float64, 4095), (np.uint32, 2**32 - 1), (np.uint32, 2**20 - 1)])
+def test_normalize_is_torchxrayvision_bit_for_bit(dtype, maxval, invert):
+    rng = np.random.default_rng(3)
+    # More rows than one band, a width that does not divide it, and every value's end points.
+    shape = (_BAND_ROWS_PLUS_SOME, 517)
+    if np.dtype(dtype).kind == "f":
+        pixels = rng.uniform(0, maxval, shape)
+    else:
+        top = np.iinfo(dtype).max  # unsigned values above maxval are masked, as for DICOM
+        pixels = rng.integers(0, (top if np.dtype(dtype).kind == "u" else maxval) + 1, shape,
+                              dtype=dtype, endpoint=False)
+    pixels.flat[:2] = [0, maxval]
+    expected = _torchxrayvision_normalize(pixels, maxval, invert)
+    assert np.array_equal(normalize(pixels, maxval, invert=invert), expected)
+    assert np.array_equal(normalize(pixels[0], maxval, invert=invert), expected[0])
+
+
+_BAND_ROWS_PLUS_SOME = 300
 
 
 def _recode(source: Path, syntax, tmp_path: Path, **kwargs) -> Path:

@@ -40,9 +40,9 @@ class ModelInput:
 
 def normalize(pixels: np.ndarray, maxval: int, *, invert: bool = False) -> np.ndarray:
     """TorchXRayVision's `normalize`, bit for bit: [0, maxval] -> [-1024, 1024] (of
-    `maxval - pixels` with invert, as for MONOCHROME1). Same float32 operations in the same
-    order, done in place, a band of rows at a time: each band stays in the CPU's cache
-    through all five steps, which halves the time on a 2048x2048 image."""
+    `maxval - pixels` with invert, as for MONOCHROME1), a band of rows at a time: each band
+    stays in the CPU's cache through every step, which halves the time on a 2048x2048 image.
+    Stored values above maxval (bits above BitsStored) are masked off on the way."""
     out = np.empty(pixels.shape, dtype=np.float32)
     if pixels.ndim != 2:
         return _normalize_into(out, pixels, maxval, invert)
@@ -53,15 +53,26 @@ def normalize(pixels: np.ndarray, maxval: int, *, invert: bool = False) -> np.nd
 
 
 _BAND_VALUES = 1 << 16  # 256 KiB of float32 per band
+_EXACT_IN_FLOAT32 = 1 << 24
 
 
 def _normalize_into(out: np.ndarray, pixels: np.ndarray, maxval: int,
                     invert: bool) -> np.ndarray:
-    np.copyto(out, maxval - pixels if invert else pixels, casting="unsafe")
-    np.divide(out, np.float32(maxval), out=out)
-    np.multiply(out, np.float32(2), out=out)
-    np.subtract(out, np.float32(1.0), out=out)
-    np.multiply(out, np.float32(XRV_RANGE), out=out)
+    """TorchXRayVision computes `(2 * (x / maxval) - 1) * 1024` in float32. Multiplying by a
+    power of two is exact and commutes with rounding, so `x / (maxval / 2048) - 1024` gives
+    the very same floats in two steps instead of four (maxval / 2048 is exact too)."""
+    integers = pixels.dtype.kind in "ui"
+    if pixels.dtype.kind == "u" and maxval < np.iinfo(pixels.dtype).max and \
+            pixels.max(initial=0) > maxval:
+        pixels = pixels & maxval
+    if invert and not (integers and maxval < _EXACT_IN_FLOAT32):
+        pixels = maxval - pixels  # as TorchXRayVision's callers do, before the cast
+        invert = False
+    np.copyto(out, pixels, casting="unsafe")
+    if invert:  # integers below 2**24 are exact in float32, and so is their difference
+        np.subtract(np.float32(maxval), out, out=out)
+    np.divide(out, np.float32(maxval) / np.float32(2048), out=out)
+    np.subtract(out, np.float32(XRV_RANGE), out=out)
     return out
 
 
@@ -80,8 +91,10 @@ def stored_to_normalized(pixels: np.ndarray, ds: Dataset,
     if int(ds.get("PixelRepresentation", 0) or 0) == 1:
         # Signed storage: shift into [0, maxval] so that black stays black.
         pixels = pixels.astype(np.int64) + 2 ** (bits_stored - 1)
-    elif pixels.dtype.kind in "ui" and int(pixels.max(initial=0)) > maxval:
-        # Bits above BitsStored are not pixel data (overlays, garbage): mask them off.
+    elif pixels.dtype.kind in "ui" and (options.modality_lut or options.voi_lut) and \
+            int(pixels.max(initial=0)) > maxval:
+        # Bits above BitsStored are not pixel data (overlays, garbage): mask them off
+        # (normalize does it on the way for the default path).
         pixels = pixels & maxval
     values: np.ndarray = pixels
     if options.modality_lut:
