@@ -15,6 +15,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from ..errors import ImageError
+from ..fsutil import drop_cached_pages
 from .convert import ConvertOptions, prepare_dataset
 from .read import read_dicom
 from .select import SelectRules, select
@@ -53,4 +54,9 @@ def prepare_instance(job: PrepareJob, rules: SelectRules, options: ConvertOption
                         "but removed before it could be classified")
     except Exception as exc:  # noqa: BLE001 - reported to the caller, which retries the study
         return Prepared(job.instance_id, error=f"{type(exc).__name__}: {exc}")
+    # Its pixels are not read again. Freed now, its pages hold the next instances to arrive;
+    # left cached, every instance takes fresh memory (on VMs whose host reclaims free memory,
+    # first touching a page costs more than copying into it) and gigabytes of spool and
+    # archive files push other programs' data out of the page cache.
+    drop_cached_pages(job.path)
     return Prepared(job.instance_id, header=header, array=array)
