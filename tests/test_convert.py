@@ -16,7 +16,14 @@ from pydicom.uid import (
 )
 
 from xrvd import errors
-from xrvd.pipeline.convert import ConvertOptions, normalize, prepare_dataset, prepare_file
+from xrvd.pipeline.convert import (
+    ConvertOptions,
+    normalize,
+    normalize_resized,
+    prepare_dataset,
+    prepare_file,
+    resize,
+)
 from xrvd.pipeline.models import Classifier
 from xrvd.pipeline.read import read_dicom
 
@@ -122,6 +129,18 @@ def test_normalize_is_torchxrayvision_bit_for_bit(dtype, maxval, invert):
 
 
 _BAND_ROWS_PLUS_SOME = 300
+
+
+@pytest.mark.parametrize("resolution", [224, 512])
+@pytest.mark.parametrize("size", [96, 224, 1000, 2048], ids=lambda n: f"{n}px")
+def test_banded_resize_is_the_whole_image_resize_bit_for_bit(size, resolution):
+    rng = np.random.default_rng(size)
+    pixels = rng.integers(0, 4096, (size, size), dtype=np.uint16)
+    for invert in (False, True):
+        whole = resize(normalize(pixels, 4095, invert=invert), resolution)
+        banded = normalize_resized(pixels, 4095, invert, resolution)
+        assert banded.shape == (1, 1, resolution, resolution)
+        assert np.array_equal(banded, whole)
 
 
 def _recode(source: Path, syntax, tmp_path: Path, **kwargs) -> Path:
