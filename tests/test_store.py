@@ -80,7 +80,12 @@ def test_study_waits_for_open_association_and_settle_time(store):
     store.association_opened("a")
     outcome = store.store_file(NIH_SC, source="test", move=False, association="a")
     assert store.claim_ready_studies(0, "m", "w", 10) == []  # sender still connected
+    # Nothing to wake up for until the association closes (it wakes the worker): a deadline
+    # already passed would have the worker poll the journal in a loop meanwhile.
+    assert store.next_deadline(0) is None
     store.association_closed("a")
+    assert store.next_deadline(0) == 0
+    assert 3599 < store.next_deadline(3600) <= 3600
     assert store.claim_ready_studies(3600, "m", "w", 10) == []  # not settled yet
     [claim] = store.claim_ready_studies(0, "m", "w", 10)
     assert claim.study_uid == outcome.study_uid

@@ -307,12 +307,18 @@ class Store(ArchiveMixin):
         return claims
 
     def next_deadline(self, settle_seconds: float) -> float | None:
-        """Seconds until the earliest receiving study could settle (None: nothing waiting)."""
+        """Seconds until the earliest receiving study could settle (None: nothing waiting).
+        Studies an open association has sent to are left out: it wakes the worker when it
+        closes, and until then their passed deadlines would have the worker poll in a loop."""
+        busy = self.open_studies()
         with self._lock:
-            row = self._db.execute(
-                "SELECT MIN(MAX(last_instance_at + ?, not_before)) FROM studies "
-                "WHERE state = 'receiving'", (settle_seconds,)).fetchone()
-        return None if row[0] is None else max(0.0, row[0] - time.time())
+            for study_uid, deadline in self._db.execute(
+                    "SELECT study_uid, MAX(last_instance_at + ?, not_before) AS deadline "
+                    "FROM studies WHERE state = 'receiving' ORDER BY deadline",
+                    (settle_seconds,)):
+                if study_uid not in busy:
+                    return max(0.0, deadline - time.time())
+        return None
 
     def study_instances(self, study_id: int) -> list[InstanceRow]:
         with self._lock:
