@@ -18,6 +18,7 @@ from pydicom.uid import (
 from xrvd import errors
 from xrvd.pipeline.convert import (
     ConvertOptions,
+    center_crop,
     normalize,
     normalize_resized,
     prepare_dataset,
@@ -25,7 +26,7 @@ from xrvd.pipeline.convert import (
     resize,
 )
 from xrvd.pipeline.models import Classifier
-from xrvd.pipeline.read import read_dicom
+from xrvd.pipeline.read import pixel_rows, read_dicom
 
 from .conftest import NIH_SC, PNGS, REJECT, RSNA_JPEG, TINY_CR, WG04_CR
 from .reference import reference
@@ -98,6 +99,35 @@ def test_bits_above_bits_stored_are_masked():
     pixels = ds.pixel_array | np.uint16(1 << 15)  # an overlay in the unused high bit
     ds.PixelData = pixels.tobytes()
     assert np.array_equal(prepare_dataset(ds, 224).array, clean)
+
+
+def test_bits_above_bits_stored_are_masked_when_read_a_band_at_a_time(tmp_path):
+    ds = pydicom.dcmread(WG04_CR)
+    ds.PixelData = (ds.pixel_array | np.uint16(1 << 15)).tobytes()
+    path = tmp_path / "overlay.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert pixel_rows(read_dicom(path, defer_pixel_data=True), path) is not None
+    assert np.array_equal(prepare_file(path, 224).array, prepare_file(WG04_CR, 224).array)
+
+
+@pytest.mark.parametrize("path", [WG04_CR, NIH_SC], ids=lambda p: p.name)
+def test_pixel_rows_are_what_pydicom_decodes(path):
+    ds = read_dicom(path, defer_pixel_data=True)
+    rows = pixel_rows(ds, path)
+    expected = read_dicom(path).pixel_array
+    assert rows is not None and rows.shape == expected.shape
+    assert np.array_equal(rows[0:rows.shape[0]], expected)
+    crop = center_crop(rows)
+    assert np.array_equal(crop[3:40], center_crop(expected)[3:40])
+    assert np.array_equal(prepare_dataset(ds, 224, path=path).array,
+                          prepare_dataset(read_dicom(path), 224).array)
+
+
+def test_pixel_data_cut_short_is_truncated_when_deferred(tmp_path):
+    path = tmp_path / "short.dcm"
+    path.write_bytes(WG04_CR.read_bytes()[:-1000])
+    with pytest.raises(errors.TruncatedFileError, match="truncated"):
+        read_dicom(path, defer_pixel_data=True)
 
 
 def _torchxrayvision_normalize(pixels: np.ndarray, maxval: int, invert: bool) -> np.ndarray:

@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 from pydicom.dataset import Dataset
 
-from .read import decode_pixels, image_kind, read_bitmap, read_dicom
+from .read import decode_pixels, image_kind, pixel_rows, read_bitmap, read_dicom
 
 XRV_RANGE = 1024.0
 
@@ -201,12 +201,16 @@ def normalize_resized(values: np.ndarray, maxval: int, invert: bool,
 
 def prepare_dataset(ds: Dataset, resolution: int, options: ConvertOptions = ConvertOptions(),
                     path: object = "<dataset>") -> ModelInput:
-    pixels = decode_pixels(ds, path)
+    """A checked dataset -> the model's input. Read with defer_pixel_data, uncompressed
+    pixel data is read a band at a time as it is converted (PixelRows)."""
     if options.fit == "crop":
-        array = normalize_resized(*_normalizable(center_crop(pixels), ds, options), resolution)
+        rows = pixel_rows(ds, path) if options == ConvertOptions() and \
+            isinstance(path, (str, os.PathLike)) else None
+        pixels = center_crop(rows if rows is not None else decode_pixels(ds, path))
+        array = normalize_resized(*_normalizable(pixels, ds, options), resolution)
     else:
-        array = resize(fit_square(stored_to_normalized(pixels, ds, options), "pad"),
-                       resolution)
+        array = resize(fit_square(stored_to_normalized(decode_pixels(ds, path), ds, options),
+                                  "pad"), resolution)
     return ModelInput(
         array=array,
         source_shape=(int(ds.Rows), int(ds.Columns)),
@@ -231,4 +235,4 @@ def prepare_file(path: str | os.PathLike, resolution: int,
             photometric="MONOCHROME2",
             bits_stored=8 if pixels.dtype == np.uint8 else 16,
         )
-    return prepare_dataset(read_dicom(path), resolution, options, path)
+    return prepare_dataset(read_dicom(path, defer_pixel_data=True), resolution, options, path)

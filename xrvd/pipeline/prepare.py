@@ -45,7 +45,8 @@ def prepare_instance(job: PrepareJob, rules: SelectRules, options: ConvertOption
         if not choice.classify:
             return Prepared(job.instance_id, skip_reason=choice.reason or "not_selected",
                             skip_detail=choice.detail)
-        array = prepare_dataset(read_dicom(job.path), resolution, options, job.path).array
+        array = prepare_dataset(read_dicom(job.path, defer_pixel_data=True), resolution,
+                                options, job.path).array
     except ImageError as exc:
         return Prepared(job.instance_id, skip_reason=exc.reason, skip_detail=exc.detail)
     except FileNotFoundError as exc:

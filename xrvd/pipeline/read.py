@@ -16,6 +16,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from ..errors import (
     EmptyFileError,
@@ -48,13 +49,27 @@ def sniff(path: str | os.PathLike) -> str:
     return "unknown"
 
 
-def read_dicom(path: str | os.PathLike) -> Dataset:
-    """Read a DICOM file whole and check it holds one greyscale frame we can decode later."""
+def read_dicom(path: str | os.PathLike, *, defer_pixel_data: bool = False) -> Dataset:
+    """Read a DICOM file and check it holds one greyscale frame we can decode later. With
+    defer_pixel_data, large values (the pixel data) stay in the file until they are used:
+    `pixel_rows` reads uncompressed ones a band at a time, pydicom reads the others."""
     kind = sniff(path)
+    ds = _read_checked(path, kind, _DEFER_BYTES if defer_pixel_data else None)
+    if defer_pixel_data and _syntax(ds) == DeflatedExplicitVRLittleEndian:
+        # pydicom would read a deferred value at its offset in the inflated data set, from
+        # the deflated file: read it whole instead.
+        ds = _read_checked(path, kind, None)
+    return ds
+
+
+_DEFER_BYTES = 1 << 16
+
+
+def _read_checked(path: str | os.PathLike, kind: str, defer_size: int | None) -> Dataset:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            ds = pydicom.dcmread(path, force=kind != "dicom")
+            ds = pydicom.dcmread(path, force=kind != "dicom", defer_size=defer_size)
         except InvalidDicomError as exc:
             raise NotAnImageError(path, _not_an_image_detail()) from exc
         except (EOFError, OSError, ValueError, KeyError, TypeError, struct.error) as exc:
@@ -67,12 +82,34 @@ def read_dicom(path: str | os.PathLike) -> Dataset:
     if kind != "dicom" and "SOPClassUID" not in ds and "PixelData" not in ds:
         # force=True parses almost anything; without these it was not DICOM at all.
         raise NotAnImageError(path, _not_an_image_detail())
-    if any("End of file" in str(w.message) for w in caught):
+    if any("End of file" in str(w.message) for w in caught) or _deferred_past_end(ds, path):
         raise TruncatedFileError(
             path, "the file ends in the middle of an element (truncated); send it again"
         )
     check_dataset(ds, path)
     return ds
+
+
+def _deferred(ds: Dataset):
+    """The pixel data element if its value was left in the file, else None (also for a
+    deflated file, where offsets are into the inflated data: read_dicom reads it again)."""
+    if PIXEL_DATA not in ds or _syntax(ds) == DeflatedExplicitVRLittleEndian:
+        return None
+    element = ds.get_item(PIXEL_DATA, keep_deferred=True)
+    if element.value is not None or element.length == UNDEFINED_LENGTH:
+        return None
+    return element
+
+
+def _syntax(ds: Dataset):
+    meta = getattr(ds, "file_meta", None)
+    return meta.get("TransferSyntaxUID") if meta is not None else None
+
+
+def _deferred_past_end(ds: Dataset, path: str | os.PathLike) -> bool:
+    """pydicom seeks over a deferred value without noticing that the file ends first."""
+    element = _deferred(ds)
+    return element is not None and os.stat(path).st_size < element.value_tell + element.length
 
 
 def _not_an_image_detail() -> str:
@@ -130,6 +167,63 @@ def decode_pixels(ds: Dataset, path: object = "<dataset>") -> np.ndarray:
     if pixels.ndim != 2:
         raise MultiFrameError(path, f"decoded pixel array has shape {pixels.shape}, not 2-D")
     return pixels
+
+
+class PixelRows:
+    """Uncompressed pixel data left in its file, read a band of rows when asked for:
+    `rows[a:b]` is an array of those rows, `rows[a:b, c:d]` a smaller PixelRows, still
+    unread (what center_crop makes). Converting a band as soon as it is read, while it is in
+    the CPU's cache, costs a fifth less than reading the whole image (10 MB for a CR) first."""
+
+    ndim = 2
+
+    def __init__(self, path: str | os.PathLike, offset: int, row_bytes: int,
+                 dtype: np.dtype, shape: tuple[int, int], origin: tuple[int, int] = (0, 0)):
+        self.path, self.offset, self.row_bytes, self.dtype = path, offset, row_bytes, dtype
+        self.shape, self.origin = shape, origin
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            rows, columns = (range(self.shape[0])[key[0]], range(self.shape[1])[key[1]])
+            if rows.step != 1 or columns.step != 1:
+                raise IndexError("PixelRows takes contiguous slices only")
+            return PixelRows(self.path, self.offset, self.row_bytes, self.dtype,
+                             (len(rows), len(columns)),
+                             (self.origin[0] + rows.start, self.origin[1] + columns.start))
+        rows = range(self.shape[0])[key]
+        if rows.step != 1:
+            raise IndexError("PixelRows takes contiguous slices only")
+        band = np.empty((len(rows), self.row_bytes // self.dtype.itemsize), dtype=self.dtype)
+        start = self.offset + (self.origin[0] + rows.start) * self.row_bytes
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(start)
+            count = f.readinto(band)
+        if count < band.nbytes:
+            raise TruncatedFileError(self.path, "the file became shorter while it was read; "
+                                     "send it again")
+        return band[:, self.origin[1]:self.origin[1] + self.shape[1]]
+
+
+def pixel_rows(ds: Dataset, path: str | os.PathLike) -> PixelRows | None:
+    """The stored values of a checked dataset read with defer_pixel_data, as PixelRows, where
+    they are plain little-endian unsigned 8- or 16-bit samples (what pydicom would give
+    unchanged); None where pydicom must decode them (decode_pixels)."""
+    element = _deferred(ds)
+    if element is None or _syntax(ds) not in _NATIVE_LITTLE_ENDIAN:
+        return None
+    bits = int(ds.get("BitsAllocated") or 0)
+    if bits not in (8, 16) or int(ds.get("PixelRepresentation", 0) or 0) != 0:
+        return None
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    dtype = np.dtype(np.uint8 if bits == 8 else "<u2")
+    if element.length < rows * columns * dtype.itemsize:
+        return None  # pydicom says what is wrong with it
+    return PixelRows(path, element.value_tell, columns * dtype.itemsize, dtype, (rows, columns))
+
+
+_NATIVE_LITTLE_ENDIAN = (pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian)
+PIXEL_DATA = 0x7FE00010
+UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 def _undecodable(syntax: pydicom.uid.UID, exc: Exception) -> str:
