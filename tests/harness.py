@@ -165,6 +165,8 @@ def write_config(tmp_path: Path, weights_dir: Path, **sections) -> Path:
         "study": {"settle_seconds": 0.5, "retry_seconds": 0.5},
         "output": {"json_sidecar": True},
         "log": {"level": "debug"},
+        # In the worker thread unless a test asks for processes: each would load torch.
+        "service": {"worker_processes": 0},
     }
     for key, value in sections.items():
         if isinstance(value, dict):

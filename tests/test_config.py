@@ -126,3 +126,17 @@ def test_destinations_are_validated(tmp_path):
     [message] = problems(tmp_path, "destinations:\n  - {name: a, ae_title: A, host: h, "
                                    "port: 104}\n  - {name: a, ae_title: B, host: h, port: 105}\n")
     assert "destination names must be unique" in message
+
+
+def test_worker_processes_auto_follows_the_cpus_the_service_may_use(tmp_path, monkeypatch):
+    from xrvd import daemon
+
+    assert load_config(None).service.worker_processes == "auto"
+    for cpus, expected in [(1, 0), (2, 2), (3, 3), (16, daemon.AUTO_WORKER_PROCESSES_AT_MOST)]:
+        monkeypatch.setattr(daemon, "available_cpus", lambda cpus=cpus: cpus)
+        assert daemon.worker_process_count("auto") == expected
+    assert daemon.worker_process_count(3) == 3
+    assert load_config(write(tmp_path, "service:\n  worker_processes: 0\n")) \
+        .service.worker_processes == 0
+    [problem] = problems(tmp_path, "service:\n  worker_processes: many\n")
+    assert problem == "service.worker_processes: must be auto or a whole number from 0 to 64, got 'many'"

@@ -18,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
     ValidationError,
     model_validator,
 )
@@ -49,6 +50,13 @@ def _known_model(name: str) -> str:
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ValueError(f"unknown model {name!r}; {hint}choose one of: {', '.join(MODELS)}")
     return name
+
+
+def _process_count(value: Any) -> int | str:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)
+                           and 0 <= value <= 64):
+        return value
+    raise ValueError(f"must be auto or a whole number from 0 to 64, got {value!r}")
 
 
 class Section(BaseModel):
@@ -209,8 +217,10 @@ class ServiceConfig(Section):
     # How long SIGTERM waits for associations and the batch in hand before leaving them.
     drain_seconds: float = Field(default=20.0, ge=0)
     # Processes that decode, convert and write reports beside the model (0: all in the
-    # worker thread). Each imports its own copy of pydicom, highdicom and torch's resize.
-    worker_processes: int = Field(default=0, ge=0, le=64)
+    # worker thread; auto: one per CPU the service may use, at most 4, none on one CPU).
+    # Each holds its own pydicom, highdicom and torch (TorchXRayVision's resize): about
+    # 500 MB with PyPI's torch build.
+    worker_processes: Annotated[int | str, PlainValidator(_process_count)] = "auto"
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
 

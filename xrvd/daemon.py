@@ -21,7 +21,7 @@ from .deliver import Deliverer
 from .errors import ConfigError, XrvdError
 from .ingest.scp import StorageSCP
 from .ingest.watch import DropFolderWatcher
-from .pipeline.models import Classifier
+from .pipeline.models import Classifier, available_cpus
 from .fsutil import StateDirLock
 from .pool import PreparePool
 from .store import Store
@@ -33,6 +33,19 @@ RESTART_ONLY = ("state_dir", "model.name", "model.weights_dir", "model.device",
                 "model.threads", "convert", "scp.enabled", "scp.ae_title", "scp.bind",
                 "scp.port", "scp.max_associations", "scp.max_pdu", "watch", "output",
                 "service.metrics", "service.worker_processes", "model.backend")
+
+
+AUTO_WORKER_PROCESSES_AT_MOST = 4
+
+
+def worker_process_count(setting: int | str) -> int:
+    """service.worker_processes. `auto`: one per CPU the service may use, at most 4 (each
+    holds about 500 MB, and per image they need about half the model's CPU time), and none
+    on a single CPU, where they would only take turns with the model and the receiver."""
+    if setting != "auto":
+        return int(setting)
+    cpus = available_cpus()
+    return 0 if cpus < 2 else min(cpus, AUTO_WORKER_PROCESSES_AT_MOST)
 
 
 def _get(config: Config, dotted: str):
@@ -70,8 +83,9 @@ class Daemon:
         self.store = Store(config.state_dir)
         recovered = self.store.recover()
         self.log.info("journal.recovered", state_dir=str(config.state_dir), **recovered)
-        if config.service.worker_processes:  # they start while the model loads
-            self.pool = PreparePool(config.service.worker_processes)
+        processes = worker_process_count(config.service.worker_processes)
+        if processes:  # they start while the model loads
+            self.pool = PreparePool(processes)
         classifier = Classifier.from_config(config)
         identity = classifier.identity
         if identity.untrained:
