@@ -4,10 +4,12 @@ is written, and `xrvd backfill` over the same files.
 Run by hand:  uv run python benchmarks/endtoend.py [--images 200] [--per-association 10]
 
 The images are ~10 MB CRs (2500x2048, 16 bit; the WG04 CR resampled), one study each
-(--per-study N: N images per study and report), sent
---per-association files per association (one storescu run each, one after the other, as
-modalities send). The serve rate is images / (first byte sent -> the study.classified event, after its report was written, that completes the count);
-its memory is the daemon's peak resident size, and whether libtorch was ever mapped into it.
+(--per-study N: N images per study and report), sent --per-association files per association
+(one storescu run each, one after the other, as modalities send). The serve rate is images /
+(first byte sent -> the study.classified event, after its report was written, that completes
+the count); its memory is the daemon process's peak resident size, whether libtorch was ever
+mapped into it, and the proportional set size of the daemon and its worker processes together
+at the end (the worker processes load torch for the resize).
 The back-fill rate is the back-fill's own classification rate (and the whole command's).
 Untrained weights of the right format: speed does not depend on the weights' values.
 """
@@ -43,8 +45,20 @@ def torch_mapped(pid: int) -> bool:
     return "libtorch_cpu" in Path(f"/proc/{pid}/maps").read_text()
 
 
+def service_pss_mb(pid: int) -> float:
+    """The proportional set size of the daemon and its worker processes together: memory
+    they share (libraries) is counted once, not once per process as summed RSS would."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    total = 0
+    for process in (pid, *map(int, children)):
+        for line in Path(f"/proc/{process}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                total += int(line.split()[1])
+    return total / 1024
+
+
 def serve(files: list[Path], work: Path, weights: str, backend: str,
-          per_association: int, worker_processes: int) -> dict:
+          per_association: int, worker_processes: int | str) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     config = work / "serve.yaml"
     config.write_text(yaml.safe_dump({
@@ -82,7 +96,8 @@ def serve(files: list[Path], work: Path, weights: str, backend: str,
     done.wait(timeout=1800)
     result = {"images_per_s": written / (last[0] - started), "received_s": received,
               "total_s": last[0] - started, "written": written,
-              "peak_rss_mb": peak_rss_mb(daemon.pid), "torch": torch_mapped(daemon.pid)}
+              "peak_rss_mb": peak_rss_mb(daemon.pid), "torch": torch_mapped(daemon.pid),
+              "service_pss_mb": service_pss_mb(daemon.pid)}
     daemon.send_signal(signal.SIGTERM)
     daemon.wait(timeout=120)
     return result
@@ -95,7 +110,7 @@ def main() -> None:
     parser.add_argument("--per-study", type=int, default=1,
                         help="images per study (each study gets one report)")
     parser.add_argument("--backends", default="torch,onnxruntime")
-    parser.add_argument("--worker-processes", default="0,2",
+    parser.add_argument("--worker-processes", default="0,auto",
                         help="service.worker_processes values to run serve with")
     args = parser.parse_args()
     if not dcmtk("storescu"):
@@ -119,14 +134,16 @@ def main() -> None:
                 subprocess.run([sys.executable, "-m", "xrvd", "models", "export", MODEL, "-c",
                                 str(_models_config(scratch, weights))], env=dict(ENV, **ALLOW),
                                capture_output=True, check=True)
-            for processes in map(int, args.worker_processes.split(",")):
+            for processes in (value if value == "auto" else int(value)
+                              for value in args.worker_processes.split(",")):
                 run = serve(files, scratch / f"serve-{backend}-{processes}", str(weights),
                             backend, args.per_association, processes)
                 print(f"{backend:<12} {f'serve/{processes}':<10} {run['images_per_s']:>9.1f} "
                       f"{run['peak_rss_mb']:>12.0f}  {processes} worker processes, storescu "
                       f"{args.per_association}/association, received in "
                       f"{run['received_s']:.1f} s, last report at {run['total_s']:.1f} s, "
-                      f"torch in the daemon: {'yes' if run['torch'] else 'no'}")
+                      f"torch in the daemon: {'yes' if run['torch'] else 'no'}, daemon and "
+                      f"worker processes together: {run['service_pss_mb']:.0f} MB (PSS)")
             fill = run_backfill(argparse.Namespace(weights=str(weights), batch_size=8,
                                                    backend=backend, workers=None),
                                 folder, scratch / f"backfill-{backend}")
