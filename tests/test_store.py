@@ -140,6 +140,40 @@ def test_scp_answers_out_of_resources_when_the_store_fails(tmp_path):
         store.close()
 
 
+def test_scp_refuses_an_instance_it_cannot_write_and_keeps_the_association(tmp_path):
+    """A write into the spool that fails (here: a file size limit, as a full disk would)
+    gets 'out of resources' for that instance; the association goes on."""
+    import resource
+    import signal
+
+    store = Store(tmp_path / "state")
+    scp = StorageSCP(ScpConfig(port=0, allowed_calling_aets=["*"]), store)
+    port = scp.start()
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG
+    try:
+        ds = pydicom.dcmread(NIH_SC)
+        ae = AE(ae_title="TEST")
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", port, ae_title="XRVD")
+        assert assoc.is_established
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, limits[1]))
+        try:
+            refused = assoc.send_c_store(ds)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        assert refused.Status == 0xA700
+        assert assoc.is_established
+        assert list(store.incoming.iterdir()) == []
+        assert assoc.send_c_store(ds).Status == 0x0000  # the sender's retry is taken
+        assoc.release()
+        assert store.query("SELECT COUNT(*) FROM instances") == [(1,)]
+    finally:
+        signal.signal(signal.SIGXFSZ, previous)
+        scp.stop()
+        store.close()
+
+
 def test_watcher_survives_a_failing_callback(store, tmp_path, monkeypatch):
     drop = tmp_path / "drop"
     watcher = DropFolderWatcher(WatchConfig(enabled=True, folder=drop, stable_seconds=0.2,

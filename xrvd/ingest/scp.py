@@ -91,26 +91,55 @@ class _IncomingFile:
     """The file pynetdicom streams a received data set into (it calls write, file.flush,
     close and name). Every few MB it asks the kernel to start writing back what arrived, so
     the fsync before the acknowledgement finds most of the data already on disk; the pages
-    stay cached for the worker, which reads the file next."""
+    stay cached for the worker, which reads the file next.
+
+    A write that fails (the spool's disk is full) does not raise into pynetdicom, which would
+    abort the association: the rest of the data set is read and dropped, and the C-STORE
+    handler answers 'out of resources' for it (`failure`), as DCMTK's storescp does."""
+
+    failures: dict[str, OSError] = {}  # name -> why; the C-STORE handler takes its entry
 
     def __init__(self, folder: Path):
-        self._tmp = tempfile.NamedTemporaryFile(dir=folder, prefix="rx-", suffix=".dcm",
-                                                delete=False, mode="wb")
-        self.name = self._tmp.name
-        self.file = self._tmp.file
         self._unsynced = 0
+        self._tmp = None
+        try:
+            self._tmp = tempfile.NamedTemporaryFile(dir=folder, prefix="rx-", suffix=".dcm",
+                                                    delete=False, mode="wb")
+            self.name = self._tmp.name
+        except OSError as exc:
+            self.name = str(folder / f"rx-unwritable-{id(self):x}.dcm")
+            self.failures[self.name] = exc
+
+    @property
+    def file(self) -> "_IncomingFile":
+        return self  # pynetdicom flushes `file` after every fragment
 
     def write(self, data) -> int:
-        written = self.file.write(data)
-        self._unsynced += written
-        if self._unsynced >= _WRITEBACK_EVERY:
-            self.file.flush()
-            start_writeback(self.file.fileno())
-            self._unsynced = 0
-        return written
+        if self.name in self.failures:
+            return len(data)
+        try:
+            self._unsynced += self._tmp.file.write(data)
+            if self._unsynced >= _WRITEBACK_EVERY:
+                self._tmp.file.flush()
+                start_writeback(self._tmp.file.fileno())
+                self._unsynced = 0
+        except OSError as exc:
+            self.failures[self.name] = exc
+        return len(data)
+
+    def flush(self) -> None:
+        if self.name not in self.failures:
+            try:
+                self._tmp.file.flush()
+            except OSError as exc:
+                self.failures[self.name] = exc
 
     def close(self) -> None:
-        self._tmp.close()
+        if self._tmp is not None:
+            try:
+                self._tmp.close()
+            except OSError as exc:
+                self.failures.setdefault(self.name, exc)
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -247,6 +276,15 @@ class StorageSCP:
         path = Path(event.dataset_path)
         calling = event.assoc.requestor.ae_title
         sop_uid = str(event.request.AffectedSOPInstanceUID)
+        failure = _IncomingFile.failures.pop(str(path), None)
+        if failure is not None:
+            path.unlink(missing_ok=True)
+            metrics.REFUSED.labels(StoreError.reason).inc()
+            self.log.error("instance.refused", reason=StoreError.reason,
+                           detail=f"cannot write to {self.store.incoming}: "
+                           f"{failure.strerror or failure}; free space there",
+                           sop_instance_uid=sop_uid, calling_aet=calling)
+            return _status(STATUS_OUT_OF_RESOURCES, "cannot store the instance now")
         size = path.stat().st_size
         if size > self.max_instance_bytes:
             metrics.REFUSED.labels("too_large").inc()
