@@ -46,15 +46,20 @@ def torch_mapped(pid: int) -> bool:
 
 
 def service_pss_mb(pid: int) -> float:
-    """The proportional set size of the daemon and its worker processes together: memory
-    they share (libraries) is counted once, not once per process as summed RSS would."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    """The proportional set size of the daemon and all its processes (worker processes, their
+    fork server) together: memory they share is counted once, not once per process as summed
+    RSS would."""
     total = 0
-    for process in (pid, *map(int, children)):
+    for process in _process_tree(pid):
         for line in Path(f"/proc/{process}/smaps_rollup").read_text().splitlines():
             if line.startswith("Pss:"):
                 total += int(line.split()[1])
     return total / 1024
+
+
+def _process_tree(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [pid, *(p for child in children for p in _process_tree(int(child)))]
 
 
 def serve(files: list[Path], work: Path, weights: str, backend: str,
@@ -144,7 +149,7 @@ def main() -> None:
                       f"{run['received_s']:.1f} s, last report at {run['total_s']:.1f} s, "
                       f"torch in the daemon: {'yes' if run['torch'] else 'no'}, daemon and "
                       f"worker processes together: {run['service_pss_mb']:.0f} MB (PSS)")
-            fill = run_backfill(argparse.Namespace(weights=str(weights), batch_size=8,
+            fill = run_backfill(argparse.Namespace(weights=str(weights), batch_size=4,
                                                    backend=backend, workers=None),
                                 folder, scratch / f"backfill-{backend}")
             print(f"{backend:<12} {'backfill':<10} {fill['images_per_s']:>9.1f} "

@@ -12,8 +12,10 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import os
+import select
 import signal
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -27,12 +29,12 @@ PREPARE_NICENESS = 10
 _warm_up_barrier = None
 
 
-def _init_process(barrier) -> None:
+def _init_process(barrier, service_pid: int) -> None:
     import torch
 
     global _warm_up_barrier
     _warm_up_barrier = barrier
-    _die_with_parent()
+    _exit_with(service_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     # pydicom's and highdicom's warnings quote values from the data (patient names among
     # them) and would reach the service's log unredacted; outcomes come back as results.
@@ -57,18 +59,46 @@ def _warm_up() -> int:
     return os.getpid()
 
 
-def _die_with_parent() -> None:
-    """A parent killed with SIGKILL must not leave its pool running (Linux only)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() == 1:  # the parent died before prctl took effect
+def _exit_with(pid: int) -> None:
+    """A service killed with SIGKILL must not leave its worker processes running. They are
+    the fork server's children, not the service's, so they watch the service itself: a pidfd
+    (Linux) that becomes readable when it ends, or a poll every second elsewhere."""
+    def watch() -> None:
+        try:
+            handle = os.pidfd_open(pid)
+        except (AttributeError, OSError):  # no pidfds here, or the service is gone already
+            while _alive(pid):
+                time.sleep(1.0)
+        else:
+            select.select([handle], [], [])
         os._exit(1)
+
+    if not _alive(pid):
+        os._exit(1)
+    threading.Thread(target=watch, name="xrvd-exit-with-service", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        pass
+    return True
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    """Not fork: the parent has torch's or ONNX Runtime's thread pools (and the model loader
+    thread) running, which a forked child must not inherit. A fork server is a fresh process
+    that imports what the workers need once (forkserver.py) and forks each of them from
+    itself, so they share those pages; spawn where there is none."""
+    try:
+        context = multiprocessing.get_context("forkserver")
+    except ValueError:
+        return multiprocessing.get_context("spawn")
+    context.set_forkserver_preload([f"{__package__}.forkserver"])
+    return context
 
 
 class PreparePool:
@@ -81,13 +111,10 @@ class PreparePool:
             self._start()
 
     def _start(self) -> None:
-        # spawn, not fork: the parent has torch's thread pools (and the model loader thread)
-        # running, which a forked child must not inherit; spawned children are also direct
-        # children, so they can follow the parent's death (see _die_with_parent).
-        context = multiprocessing.get_context("spawn")
+        context = _context()
         self._executor = concurrent.futures.ProcessPoolExecutor(
             self.processes, mp_context=context, initializer=_init_process,
-            initargs=(context.Barrier(self.processes),))
+            initargs=(context.Barrier(self.processes), os.getpid()))
         # Start them now, while the caller loads the model or crawls.
         self._warming = [self._executor.submit(_warm_up) for _ in range(self.processes)]
 
