@@ -1,7 +1,7 @@
 """Back-fill throughput against the bare model and TorchXRayVision's reference path.
 
 Run by hand:  uv run python benchmarks/backfill.py [--images 500] [--kind both]
-              [--workers N] [--batch-size 8] [--backend torch|onnxruntime|auto]
+              [--workers N] [--batch-size 4] [--backend torch|onnxruntime|auto]
 
 For each kind of archive it generates --images files from the shared fixtures, each with new
 UIDs (one study each):
@@ -201,7 +201,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--kind", choices=("8bit", "16bit", "both"), default="both")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--workers", type=int, default=None,
                         help="xrvd backfill --workers (default: its own default)")
     parser.add_argument("--backend", default="torch")

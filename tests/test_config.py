@@ -113,7 +113,7 @@ def test_check_config_prints_effective_config(tmp_path, capsys):
     effective = yaml.safe_load(out)
     assert effective["model"]["threshold"] == 0.7
     assert effective["model"]["weights_dir"] == str(tmp_path / "models")
-    assert effective["model"]["batch_size"] == 8  # a default, filled in
+    assert effective["model"]["batch_size"] == 4  # a default, filled in
     assert effective["convert"] == {"voi_lut": False, "modality_lut": False, "fit": "crop"}
 
 
