@@ -220,8 +220,8 @@ class ServiceConfig(Section):
     drain_seconds: float = Field(default=20.0, ge=0)
     # Processes that decode, convert and write reports beside the model (0: all in the
     # worker thread; auto: one per CPU the service may use, at most 4, none on one CPU).
-    # Each holds its own pydicom, highdicom and torch (TorchXRayVision's resize): about
-    # 500 MB with PyPI's torch build.
+    # They share one copy of pydicom, highdicom and torch (TorchXRayVision's resize), about
+    # 370 MB with PyPI's torch build, and take about 150 MB each beyond it.
     worker_processes: Annotated[int | str, PlainValidator(_process_count)] = "auto"
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 

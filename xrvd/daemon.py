@@ -40,7 +40,7 @@ AUTO_WORKER_PROCESSES_AT_MOST = 4
 
 def worker_process_count(setting: int | str) -> int:
     """service.worker_processes. `auto`: one per CPU the service may use, at most 4 (each
-    holds about 500 MB, and per image they need about half the model's CPU time), and none
+    takes about 150 MB, and per image they need about half the model's CPU time), and none
     on a single CPU, where they would only take turns with the model and the receiver."""
     if setting != "auto":
         return int(setting)
