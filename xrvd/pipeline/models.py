@@ -42,13 +42,14 @@ class Classifier:
     """A loaded model. `backend` says what runs it: "onnxruntime" or "torch"."""
 
     def __init__(self, spec: ModelSpec, network, identity: ModelIdentity, device: str = "cpu",
-                 *, backend: str = "torch", session=None, weights_path: Path | None = None):
+                 *, backend: str = "torch", runner: onnxrt.Runner | None = None,
+                 weights_path: Path | None = None):
         self.spec = spec
         self._network = network
         self.identity = identity
         self.device = device
         self.backend = backend
-        self._session = session
+        self._runner = runner
         self._weights_path = weights_path
         self._indices = [label.index for label in spec.labels]
 
@@ -110,7 +111,7 @@ class Classifier:
             record = cached.record
             refuse_untrained(spec, path, record.get("untrained"), allowed)
             try:
-                session = onnxrt.make_session(cached.path, spec, threads=threads, device=device)
+                runner = onnxrt.Runner(cached.path, spec, threads=threads, device=device)
             except Exception as exc:  # the file matched its sha256, but cannot be run
                 cached = onnxrt.Cached("invalid", cached.path, reason=f"{type(exc).__name__}: "
                                        f"{str(exc)[:200]}")
@@ -120,7 +121,7 @@ class Classifier:
                 log.info("model.backend", backend="onnxruntime", source="cache",
                          path=str(cached.path), device=device, threads=threads)
                 return cls(spec, None, identity, device, backend="onnxruntime",
-                           session=session, weights_path=path), None
+                           runner=runner, weights_path=path), None
         if cached.status == "invalid":
             log.warning("model.export_invalid", path=str(cached.path), reason=cached.reason,
                         action="rebuilding it")
@@ -146,7 +147,7 @@ class Classifier:
                  path=str(built.path) if built.path else None, device=device, threads=threads)
         # The torch network is dropped: serving from the graph is what saves the memory.
         return cls(spec, None, identity, device, backend="onnxruntime",
-                   session=built.session, weights_path=path), None
+                   runner=built.runner, weights_path=path), None
 
     @classmethod
     def from_config(cls, config, *, name: str | None = None,
@@ -162,8 +163,8 @@ class Classifier:
         expected = (1, self.resolution, self.resolution)
         if batch.ndim != 4 or batch.shape[1:] != expected:
             raise ValueError(f"expected a batch of shape (N, {expected}), got {batch.shape}")
-        if self._session is not None:
-            return onnxrt.run(self._session, batch)[:, self._indices].astype(np.float32)
+        if self._runner is not None:
+            return self._runner.run(batch)[:, self._indices].astype(np.float32)
         import torch
 
         with torch.inference_mode():

