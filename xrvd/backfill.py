@@ -33,6 +33,7 @@ from typing import TextIO
 from . import log
 from .config import Config
 from .crawl import crawl
+from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL
 from .fsutil import StateDirLock
 from .pipeline.convert import ConvertOptions
 from .pipeline.prepare import PrepareJob, Prepared, prepare_instance
@@ -46,7 +47,6 @@ from .store.records import open_read_only, read_header
 from .worker import Worker, select_rules
 
 REGISTER_BATCH = 256
-EXIT_OK, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 130
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,8 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import ConfigError, XrvdError
+from .errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, ConfigError, XrvdError
 
-EXIT_OK, EXIT_PARTIAL, EXIT_ERROR = 0, 1, 2
 
 
 def _threshold(text: str) -> float:

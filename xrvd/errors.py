@@ -3,6 +3,10 @@ daemon) and a message that tells a person what to do next."""
 
 from __future__ import annotations
 
+# Exit statuses of the commands: done; done, but some inputs failed; could not run (bad
+# config, missing weights); interrupted (128 + SIGINT, as shells report it).
+EXIT_OK, EXIT_PARTIAL, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+
 
 class XrvdError(Exception):
     """Base of every error xrvd raises on purpose."""
