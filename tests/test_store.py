@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import sqlite3
 import time
@@ -121,8 +122,10 @@ class _FullStore(Store):
         raise StoreError("cannot write to the spool: No space left on device")
 
 
-def test_scp_answers_out_of_resources_when_the_store_fails(tmp_path):
-    store = _FullStore(tmp_path / "state")
+@contextlib.contextmanager
+def _association_to(store: Store):
+    """An SCP storing into `store`, and an established association to it that can send the
+    NIH fixture (yielded with it); both are closed afterwards, and the store too."""
     scp = StorageSCP(ScpConfig(port=0, allowed_calling_aets=["*"]), store)
     port = scp.start()
     try:
@@ -131,13 +134,19 @@ def test_scp_answers_out_of_resources_when_the_store_fails(tmp_path):
         ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
         assoc = ae.associate("127.0.0.1", port, ae_title="XRVD")
         assert assoc.is_established
+        yield ds, assoc
+    finally:
+        scp.stop()
+        store.close()
+
+
+def test_scp_answers_out_of_resources_when_the_store_fails(tmp_path):
+    store = _FullStore(tmp_path / "state")
+    with _association_to(store) as (ds, assoc):
         status = assoc.send_c_store(ds)
         assoc.release()
         assert status.Status == 0xA700
         assert list(store.incoming.iterdir()) == []
-    finally:
-        scp.stop()
-        store.close()
 
 
 def test_scp_refuses_an_instance_it_cannot_write_and_keeps_the_association(tmp_path):
@@ -147,31 +156,23 @@ def test_scp_refuses_an_instance_it_cannot_write_and_keeps_the_association(tmp_p
     import signal
 
     store = Store(tmp_path / "state")
-    scp = StorageSCP(ScpConfig(port=0, allowed_calling_aets=["*"]), store)
-    port = scp.start()
     limits = resource.getrlimit(resource.RLIMIT_FSIZE)
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG
     try:
-        ds = pydicom.dcmread(NIH_SC)
-        ae = AE(ae_title="TEST")
-        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-        assoc = ae.associate("127.0.0.1", port, ae_title="XRVD")
-        assert assoc.is_established
-        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, limits[1]))
-        try:
-            refused = assoc.send_c_store(ds)
-        finally:
-            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
-        assert refused.Status == 0xA700
-        assert assoc.is_established
-        assert list(store.incoming.iterdir()) == []
-        assert assoc.send_c_store(ds).Status == 0x0000  # the sender's retry is taken
-        assoc.release()
-        assert store.query("SELECT COUNT(*) FROM instances") == [(1,)]
+        with _association_to(store) as (ds, assoc):
+            resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, limits[1]))
+            try:
+                refused = assoc.send_c_store(ds)
+            finally:
+                resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+            assert refused.Status == 0xA700
+            assert assoc.is_established
+            assert list(store.incoming.iterdir()) == []
+            assert assoc.send_c_store(ds).Status == 0x0000  # the sender's retry is taken
+            assoc.release()
+            assert store.query("SELECT COUNT(*) FROM instances") == [(1,)]
     finally:
         signal.signal(signal.SIGXFSZ, previous)
-        scp.stop()
-        store.close()
 
 
 def test_watcher_survives_a_failing_callback(store, tmp_path, monkeypatch):
