@@ -29,9 +29,20 @@ PREPARE_NICENESS = 10
 _warm_up_barrier = None
 
 
-def _init_process(barrier, service_pid: int) -> None:
+def load_libraries() -> None:
+    """Import and initialise what the jobs use: torch (TorchXRayVision's resize) and
+    highdicom's tables, which it reads on first use. Done by the fork server before it forks
+    the processes (forkserver.py), so they share it, and again (at no cost then) by each
+    process as it starts, which loads its own copy where it was spawned."""
     import torch
 
+    from .pipeline.srdocument import is_image_class
+
+    torch.set_num_threads(1)  # one process per core: no thread pools competing inside them
+    is_image_class("1.2.840.10008.5.1.4.1.1.1")  # CR Image Storage
+
+
+def _init_process(barrier, service_pid: int) -> None:
     global _warm_up_barrier
     _warm_up_barrier = barrier
     _exit_with(service_pid)
@@ -39,7 +50,7 @@ def _init_process(barrier, service_pid: int) -> None:
     # pydicom's and highdicom's warnings quote values from the data (patient names among
     # them) and would reach the service's log unredacted; outcomes come back as results.
     warnings.simplefilter("ignore")
-    torch.set_num_threads(1)  # one process per core: no thread pools competing inside them
+    load_libraries()
     # Below the model's threads: a preempted inference thread stalls all of them (they wait
     # for each other at every layer), while preparing and report writing only need to keep
     # one round ahead. They get the cores whenever the model waits.
@@ -47,11 +58,8 @@ def _init_process(barrier, service_pid: int) -> None:
 
 
 def _warm_up() -> int:
-    """Have this process load what its first jobs would (the tables highdicom reads on first
-    use), then wait for its siblings, so that each process takes exactly one of these."""
-    from .pipeline.srdocument import is_image_class
-
-    is_image_class("1.2.840.10008.5.1.4.1.1.1")  # CR Image Storage
+    """Wait for the sibling processes: each takes exactly one of these, so that when all
+    have returned, every process has started and loaded its libraries (_init_process)."""
     try:
         _warm_up_barrier.wait(timeout=120)
     except threading.BrokenBarrierError:
