@@ -6,6 +6,7 @@ tests wait for the event they need, with a timeout that only bounds a failure.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -178,6 +179,38 @@ def write_config(tmp_path: Path, weights_dir: Path, **sections) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def scp_association(store, scp_config=None, reserve=None, fixture=None):
+    """A StorageSCP storing into `store` on a free port, and an established pynetdicom
+    association to it proposing the fixture's (default: the NIH secondary capture) SOP class
+    and transfer syntax; yields (scp, dataset, association). All three are closed afterwards,
+    and the store too."""
+    from pynetdicom import AE
+
+    from xrvd.config import ScpConfig
+    from xrvd.ingest.scp import StorageSCP
+
+    from .conftest import NIH_SC
+
+    scp = StorageSCP(scp_config or ScpConfig(port=0, allowed_calling_aets=["*"]), store,
+                     reserve)
+    port = scp.start()
+    try:
+        ds = pydicom.dcmread(fixture or NIH_SC)
+        ae = AE(ae_title="TEST")
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", port, ae_title="XRVD")
+        assert assoc.is_established
+        try:
+            yield scp, ds, assoc
+        finally:
+            if assoc.is_established:
+                assoc.release()
+    finally:
+        scp.stop()
+        store.close()
+
+
 def copy_with_new_uids(source: Path, target: Path, *, study_uid: str | None = None,
                        **attributes) -> pydicom.Dataset:
     """A copy of a fixture as a new instance (new SOP, series and, unless given, study UID)."""
@@ -190,4 +223,67 @@ def copy_with_new_uids(source: Path, target: Path, *, study_uid: str | None = No
         setattr(ds, keyword, value)
     target.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(target)
+    return ds
+
+
+# --- crafted files: malformed headers that must get a reason code, never a finding -----------
+
+CRAFTED = ("deep_nesting", "bits_stored_2000", "bits_stored_40", "rows_beyond_pixel_data")
+
+
+def write_crafted(kind: str, source: Path, target: Path, *,
+                  study_uid: str | None = None) -> pydicom.Dataset:
+    """A copy of a fixture (an uncompressed 16-bit image such as the WG04 CR) with new UIDs and
+    one malformed header, as a security probe sends it:
+    deep_nesting: 5000 sequences nested in one another (pydicom raises RecursionError);
+    bits_stored_2000, bits_stored_40: Bits Stored above the 16 Bits Allocated (40 as
+    MONOCHROME2: an OverflowError inverts MONOCHROME1, MONOCHROME2 went on to a finding);
+    rows_beyond_pixel_data: twice the Rows and Columns that the pixel data holds;
+    two_frames_of_pixel_data: a single-frame header over two frames' worth of pixel data."""
+    if kind == "deep_nesting":
+        return write_nested_sequences(source, target, study_uid=study_uid)
+    if kind == "two_frames_of_pixel_data":
+        return copy_with_new_uids(source, target, study_uid=study_uid,
+                                  PixelData=pydicom.dcmread(source).PixelData * 2)
+    header = pydicom.dcmread(source, stop_before_pixels=True)
+    attributes = {
+        "bits_stored_2000": {"BitsStored": 2000},
+        "bits_stored_40": {"BitsStored": 40, "PhotometricInterpretation": "MONOCHROME2"},
+        "rows_beyond_pixel_data": {"Rows": header.Rows * 2, "Columns": header.Columns * 2},
+    }[kind]
+    return copy_with_new_uids(source, target, study_uid=study_uid, **attributes)
+
+
+def write_nested_sequences(source: Path, target: Path, depth: int = 5000, *,
+                           study_uid: str | None = None) -> pydicom.Dataset:
+    """A copy of a fixture whose header holds `depth` Referenced Image Sequences nested in one
+    another, of undefined length: pydicom parses each while it reads the header, one recursion
+    per level. Written byte by byte, since pydicom would recurse writing it too. Returns the
+    dataset without the nesting."""
+    import struct
+
+    from pydicom.dataset import Dataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+
+    ds = copy_with_new_uids(source, target, study_uid=study_uid)
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    tag = 0x00081140
+    before, after = Dataset(), Dataset()
+    for element in ds:
+        if element.tag != tag:
+            (before if element.tag < tag else after).add(element)
+    undefined = 0xFFFFFFFF
+    opener = (struct.pack("<HH2sHI", 0x0008, 0x1140, b"SQ", 0, undefined)
+              + struct.pack("<HHI", 0xFFFE, 0xE000, undefined))  # sequence, item
+    closer = (struct.pack("<HHI", 0xFFFE, 0xE00D, 0)  # item delimiter
+              + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))  # sequence delimiter
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, False
+    out.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(out, ds.file_meta, enforce_standard=True)
+    write_dataset(out, before)
+    out.write(opener * depth + closer * depth)
+    write_dataset(out, after)
+    target.write_bytes(out.getvalue())
     return ds

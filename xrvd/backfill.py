@@ -137,8 +137,10 @@ class Backfill:
                 try:
                     header = read_header(path)
                 except NotStorableError as exc:
-                    self._skip_file(path, "not_dicom", str(exc))
-                    files.append(ArchiveFile(path, stat, None, f"not_dicom: {exc}"))
+                    # Journaled with its reason, so that a rerun passes over it unread.
+                    self._skip_file(path, exc.reason, str(exc))
+                    files.append(ArchiveFile(path, stat, None, f"{exc.reason}: {exc}",
+                                             exc.reason))
                     continue
                 if before_since(header, self.request.since):
                     self._skip_file(path, "before_since", f"study date {study_date(header)}")
@@ -315,7 +317,7 @@ class Backfill:
         try:
             header = read_header(path)
         except NotStorableError as exc:
-            return "skip", "not_dicom", str(exc)
+            return "skip", exc.reason, str(exc)
         if before_since(header, self.request.since):
             return "skip", "before_since", f"study date {study_date(header)}"
         return None

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import ImageError, NonFiniteScoresError
+from .errors import ImageError, NonFiniteScoresError, UnreadableFileError
 from .log import get_logger
 from .pipeline.convert import ConvertOptions, prepare_file
 from .pipeline.models import Classifier, ModelIdentity
+from .pipeline.prepare import conversion_errors
 from .pipeline.untrained import UNTRAINED_BANNER
 
 FORMATS = ("table", "json", "csv")
@@ -72,7 +73,7 @@ def classify_files(paths: Iterable[str | os.PathLike], classifier: Classifier, *
         results.append(result)
         started = time.perf_counter()
         try:
-            model_input = prepare_file(path, classifier.resolution, options)
+            model_input = _prepare(path, classifier.resolution, options)
         except ImageError as exc:
             result.error = exc
             log.warning("image.rejected", file=result.path, reason=exc.reason, detail=exc.detail)
@@ -85,6 +86,17 @@ def classify_files(paths: Iterable[str | os.PathLike], classifier: Classifier, *
     if pending:
         flush()
     return results
+
+
+def _prepare(path: str | os.PathLike, resolution: int, options: ConvertOptions):
+    """prepare_file, with every failure of this one file as an ImageError: a missing or
+    unreadable file, or a crafted one, gets its line and the others are still classified."""
+    try:
+        with conversion_errors(path):
+            return prepare_file(path, resolution, options)
+    except OSError as exc:
+        raise UnreadableFileError(path, f"cannot read the file ({exc.strerror or exc}); check "
+                                  "its path and permissions") from exc
 
 
 # --- output ---------------------------------------------------------------------------

@@ -103,6 +103,37 @@ class UndecodablePixelDataError(ImageError):
     reason = "undecodable"
 
 
+class UnreadableFileError(ImageError):
+    """The file cannot be opened or read (missing, no permission)."""
+
+    reason = "unreadable"
+
+
+class InvalidHeaderError(ImageError):
+    """A malformed DICOM header: pydicom cannot parse it (sequences nested thousands deep,
+    impossible lengths), or its pixel description contradicts itself or the pixel data (Bits
+    Stored above Bits Allocated, more Rows x Columns than there are pixels). Never classified:
+    values that do not describe the pixels would give a finding about noise."""
+
+    reason = "invalid_header"
+
+
+class ConversionFailedError(ImageError):
+    """Converting pixels that pydicom accepted failed all the same (values no check covers,
+    such as LUTs): the image is not classified, and the others are."""
+
+    reason = "conversion_failed"
+
+
+def malformed_header_detail(exc: BaseException) -> str:
+    """What a person reads about a header pydicom cannot parse, and what to do about it."""
+    what = ("its sequences are nested too deeply to read" if isinstance(exc, RecursionError)
+            else f"{type(exc).__name__}: {exc}")
+    return (f"the DICOM header is malformed ({what}); the file was not classified. Check it "
+            "with a DICOM validator (e.g. dciodvfy) and have the device or archive that "
+            "wrote it send a corrected copy")
+
+
 class NonFiniteScoresError(ImageError):
     """The model produced NaN or infinite scores for this image: never report those."""
 

@@ -102,3 +102,51 @@ class StateDirLock:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Bytes an unprivileged writer may still use on the file system holding path."""
+    stat = os.statvfs(path)
+    return stat.f_bavail * stat.f_frsize
+
+
+class DiskReserve:
+    """The free space xrvd keeps on the state directory's file system (storage.min_free_mb):
+    below it nothing new is accepted (C-STORE answers 'out of resources' before the data set
+    is written, the drop folder pauses), and everything resumes by itself when space returns.
+    `free` is a parameter so that a test can lower it where it cannot mount a small disk."""
+
+    def __init__(self, path: Path, min_free_bytes: int, free=free_bytes):
+        self.path = Path(path)
+        self.min_free_bytes = min_free_bytes
+        self._free = free
+        self.was_low = False
+
+    def free(self) -> int:
+        try:
+            return self._free(self.path)
+        except OSError:
+            return 0  # a file system that cannot be asked cannot be written either
+
+    def low(self) -> bool:
+        return self.free() < self.min_free_bytes
+
+    def describe(self) -> str:
+        return (f"{self.free() // 2**20} MB free on {self.path}'s file system, below the "
+                f"{self.min_free_bytes // 2**20} MB reserve (storage.min_free_mb); free space "
+                "there or lower the reserve")
+
+
+DEFAULT_RESERVE_BYTES = 1 << 30
+
+
+def reserve_bytes(path: Path, min_free_mb: int | None) -> int:
+    """storage.min_free_mb, or by default 1 GB, or 2 % of a disk too small for that to be
+    sensible (under 50 GB)."""
+    if min_free_mb is not None:
+        return min_free_mb * 2**20
+    try:
+        stat = os.statvfs(path)
+    except OSError:
+        return DEFAULT_RESERVE_BYTES
+    return min(DEFAULT_RESERVE_BYTES, stat.f_blocks * stat.f_frsize // 50)

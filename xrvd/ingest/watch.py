@@ -19,6 +19,7 @@ from watchdog.events import FileClosedEvent, FileMovedEvent, FileSystemEventHand
 from watchdog.observers import Observer
 
 from ..config import WatchConfig
+from ..fsutil import DiskReserve
 from .. import metrics
 from ..log import get_logger
 from ..store import NotStorableError, Store, StoreError
@@ -53,13 +54,15 @@ class _Wake(FileSystemEventHandler):
 
 
 class DropFolderWatcher:
-    def __init__(self, config: WatchConfig, store: Store):
+    def __init__(self, config: WatchConfig, store: Store, reserve: DiskReserve | None = None):
         assert config.folder is not None and config.rejected_folder is not None
         self.folder = Path(config.folder)
         self.rejected = Path(config.rejected_folder)
         self.stable_seconds = config.stable_seconds
         self.poll_seconds = config.poll_seconds
         self.store = store
+        self.reserve = reserve
+        self.paused = False  # while the disk is below its reserve: files wait where they are
         self.log = get_logger(component="watch")
         self._seen: dict[Path, _Seen] = {}
         self._closed: set[Path] = set()
@@ -123,6 +126,11 @@ class DropFolderWatcher:
                 self.scan()
             except Exception as exc:  # noqa: BLE001 - the watcher must keep running
                 self.log.error("watch.scan_failed", error=repr(exc))
+                # Not woken early: reading files makes file events that wake the watcher, so
+                # a scan that fails again at once would spin on its own events.
+                self._stop.wait(self.poll_seconds)
+                self._wake.clear()
+                continue
             self._wake.wait(self._next_wait())
             self._wake.clear()
 
@@ -142,6 +150,8 @@ class DropFolderWatcher:
 
     def scan(self) -> int:
         """Walk the folder once; ingest every complete file. Returns how many were taken."""
+        if self._disk_low():
+            return 0
         now = time.time()
         present: set[Path] = set()
         taken = 0
@@ -159,6 +169,18 @@ class DropFolderWatcher:
             self._closed &= present
         self.last_scan = now
         return taken
+
+    def _disk_low(self) -> bool:
+        low = self.reserve is not None and self.reserve.low()
+        if low != self.paused:
+            self.paused = low
+            if low:
+                self.log.warning("watch.paused", reason="disk_low",
+                                 detail=self.reserve.describe() + "; files wait in the drop "
+                                 "folder until space returns")
+            else:
+                self.log.info("watch.resumed", detail="free space is back above the reserve")
+        return low
 
     def _walk(self):
         stack = [self.folder]
@@ -197,9 +219,9 @@ class DropFolderWatcher:
         try:
             outcome = self.store.store_file(path, source=f"watch:{relative}", move=True)
         except NotStorableError as exc:
-            self._reject(path, relative, str(exc))
+            self._reject(path, relative, exc.reason, str(exc))
             return 0
-        except (StoreError, OSError) as exc:
+        except (StoreError, OSError, MemoryError) as exc:
             with self._lock:
                 seen = self._seen.get(path)
                 failures = seen.failures + 1 if seen else 1
@@ -208,8 +230,14 @@ class DropFolderWatcher:
             self.log.error("watch.store_failed", file=str(relative), error=str(exc),
                            attempt=failures)
             if failures >= MAX_STORE_FAILURES:
-                self._reject(path, relative, f"could not be stored after {failures} "
-                             f"attempts: {exc}")
+                self._reject(path, relative, StoreError.reason, f"could not be stored after "
+                             f"{failures} attempts: {exc}")
+            return 0
+        except Exception as exc:  # noqa: BLE001 - one file must not stop the others
+            # Retried, it would fail the same way at every scan: set aside with what happened.
+            self._reject(path, relative, "unexpected_error",
+                         f"storing it failed unexpectedly ({type(exc).__name__}: {exc}); "
+                         "report this to xrvd's maintainers with the file")
             return 0
         with self._lock:
             self._seen.pop(path, None)
@@ -224,7 +252,7 @@ class DropFolderWatcher:
                           detail="arrived after the study was reported; no re-run")
         return 1
 
-    def _reject(self, path: Path, relative: Path, reason: str) -> None:
+    def _reject(self, path: Path, relative: Path, reason: str, detail: str) -> None:
         target = self.rejected / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         stem, n = target, 1
@@ -237,15 +265,16 @@ class DropFolderWatcher:
             else:
                 _copy_then_remove(path, target)
             target.with_name(target.name + ".reason.txt").write_text(
-                f"{reason}\nreceived as {relative} at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
+                f"{reason}: {detail}\nreceived as {relative} at "
+                f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
         except OSError as exc:
             self.log.error("watch.reject_failed", file=str(relative), error=str(exc))
             return
         with self._lock:
             self._seen.pop(path, None)
-        metrics.REFUSED.labels("not_dicom").inc()
+        metrics.REFUSED.labels(reason).inc()
         self.log.warning("file.rejected", file=str(relative), moved_to=str(target),
-                         reason=reason)
+                         reason=reason, detail=detail)
 
 
 def _copy_then_remove(source: Path, target: Path) -> None:

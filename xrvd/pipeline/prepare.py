@@ -8,16 +8,18 @@ model input).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from ..errors import ImageError
+from ..errors import ConversionFailedError, ImageError
 from ..fsutil import drop_cached_pages
 from .convert import ConvertOptions, prepare_dataset
-from .read import read_dicom
+from .read import header_errors, read_dicom
 from .select import SelectRules, select
 
 
@@ -40,13 +42,15 @@ class Prepared:
 def prepare_instance(job: PrepareJob, rules: SelectRules, options: ConvertOptions,
                      resolution: int) -> Prepared:
     try:
-        header = pydicom.dcmread(job.path, stop_before_pixels=True, force=True)
-        choice = select(header, rules)
+        with header_errors(job.path):
+            header = pydicom.dcmread(job.path, stop_before_pixels=True, force=True)
+            choice = select(header, rules)
         if not choice.classify:
             return Prepared(job.instance_id, skip_reason=choice.reason or "not_selected",
                             skip_detail=choice.detail)
-        array = prepare_dataset(read_dicom(job.path, defer_pixel_data=True), resolution,
-                                options, job.path).array
+        with conversion_errors(job.path):
+            array = prepare_dataset(read_dicom(job.path, defer_pixel_data=True), resolution,
+                                    options, job.path).array
     except ImageError as exc:
         return Prepared(job.instance_id, skip_reason=exc.reason, skip_detail=exc.detail)
     except FileNotFoundError as exc:
@@ -54,6 +58,8 @@ def prepare_instance(job: PrepareJob, rules: SelectRules, options: ConvertOption
                         skip_detail=f"{job.path} is gone ({exc.strerror}); it was journaled "
                         "but removed before it could be classified")
     except Exception as exc:  # noqa: BLE001 - reported to the caller, which retries the study
+        # Only the machine's failures get here (OSError, MemoryError): whatever the file makes
+        # the readers raise is an ImageError by now, so one crafted file skips itself only.
         return Prepared(job.instance_id, error=f"{type(exc).__name__}: {exc}")
     # Its pixels are not read again. Freed now, its pages hold the next instances to arrive;
     # left cached, every instance takes fresh memory (on VMs whose host reclaims free memory,
@@ -61,3 +67,21 @@ def prepare_instance(job: PrepareJob, rules: SelectRules, options: ConvertOption
     # archive files push other programs' data out of the page cache.
     drop_cached_pages(job.path)
     return Prepared(job.instance_id, header=header, array=array)
+
+
+@contextmanager
+def conversion_errors(path: object) -> Iterator[None]:
+    """A failure past the header checks is still this one file's (values nothing checks, such
+    as LUTs or 64-bit samples, that the arithmetic cannot take): ConversionFailedError, so that
+    the study's other images are classified. The machine's failures (OSError, MemoryError)
+    pass through, to be retried."""
+    try:
+        yield
+    except (ImageError, OSError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - one file must never fail the others
+        raise ConversionFailedError(
+            path, f"its pixels could not be converted ({type(exc).__name__}: {exc}); the "
+            "file was not classified. Check it with a DICOM validator (e.g. dciodvfy); if it "
+            "is valid, report it to xrvd's maintainers with the file"
+        ) from exc

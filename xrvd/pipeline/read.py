@@ -10,23 +10,29 @@ from __future__ import annotations
 import os
 import struct
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels.decoders.base import DecodeRunner
+from pydicom.pixels.utils import as_pixel_options
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from ..errors import (
     EmptyFileError,
     ImageError,
+    InvalidHeaderError,
     MultiFrameError,
     NoPixelDataError,
     NotAnImageError,
     NotGreyscaleError,
     TruncatedFileError,
     UndecodablePixelDataError,
+    malformed_header_detail,
 )
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -79,15 +85,35 @@ def _read_checked(path: str | os.PathLike, kind: str, defer_size: int | None) ->
                     "or corrupt, send it again"
                 ) from exc
             raise NotAnImageError(path, _not_an_image_detail()) from exc
-    if kind != "dicom" and "SOPClassUID" not in ds and "PixelData" not in ds:
-        # force=True parses almost anything; without these it was not DICOM at all.
-        raise NotAnImageError(path, _not_an_image_detail())
-    if any("End of file" in str(w.message) for w in caught) or _deferred_past_end(ds, path):
-        raise TruncatedFileError(
-            path, "the file ends in the middle of an element (truncated); send it again"
-        )
-    check_dataset(ds, path)
+        except MemoryError:
+            raise
+        except Exception as exc:  # RecursionError (deep nesting), OverflowError, ...
+            raise InvalidHeaderError(path, malformed_header_detail(exc)) from exc
+    # Values are converted when first used: a crafted one raises here, not in dcmread.
+    with header_errors(path):
+        if kind != "dicom" and "SOPClassUID" not in ds and "PixelData" not in ds:
+            # force=True parses almost anything; without these it was not DICOM at all.
+            raise NotAnImageError(path, _not_an_image_detail())
+        if any("End of file" in str(w.message) for w in caught) or \
+                _deferred_past_end(ds, path):
+            raise TruncatedFileError(
+                path, "the file ends in the middle of an element (truncated); send it again"
+            )
+        check_dataset(ds, path)
     return ds
+
+
+@contextmanager
+def header_errors(path: object) -> Iterator[None]:
+    """Whatever pydicom raises while a header is read or its values used is the file's fault
+    (a crafted or corrupt header), and becomes InvalidHeaderError for this one file; the
+    environment's failures (OSError, MemoryError) pass through, to be retried."""
+    try:
+        yield
+    except (ImageError, OSError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a crafted header makes pydicom raise
+        raise InvalidHeaderError(path, malformed_header_detail(exc)) from exc
 
 
 def _deferred(ds: Dataset):
@@ -151,6 +177,7 @@ def check_dataset(ds: Dataset, path: object = "<dataset>") -> None:
 def decode_pixels(ds: Dataset, path: object = "<dataset>") -> np.ndarray:
     """The stored pixel values as a 2-D array (pydicom's plugins do the decoding)."""
     syntax = ds.file_meta.TransferSyntaxUID
+    check_pixel_description(ds, path)
     # A read-only view of uncompressed pixel data instead of a copy: conversion never
     # writes into it.
     ds.pixel_array_options(view_only=True)
@@ -211,14 +238,48 @@ def pixel_rows(ds: Dataset, path: str | os.PathLike) -> PixelRows | None:
     element = _deferred(ds)
     if element is None or _syntax(ds) not in _NATIVE_LITTLE_ENDIAN:
         return None
+    # pydicom decodes nothing here, so its checks would not run: a header that contradicts
+    # itself (Bits Stored 40 of 16 allocated) would be converted, and classified.
+    check_pixel_description(ds, path)
     bits = int(ds.get("BitsAllocated") or 0)
     if bits not in (8, 16) or int(ds.get("PixelRepresentation", 0) or 0) != 0:
         return None
     rows, columns = int(ds.Rows), int(ds.Columns)
     dtype = np.dtype(np.uint8 if bits == 8 else "<u2")
-    if element.length < rows * columns * dtype.itemsize:
-        return None  # pydicom says what is wrong with it
     return PixelRows(path, element.value_tell, columns * dtype.itemsize, dtype, (rows, columns))
+
+
+def check_pixel_description(ds: Dataset, path: object = "<dataset>") -> None:
+    """Refuse what pydicom would refuse to decode, by pydicom's own checks (those `pixel_array`
+    runs before decoding: Bits Allocated, Bits Stored, Rows, Columns, Pixel Representation,
+    Samples per Pixel, Photometric Interpretation, Number of Frames, and the pixel data's
+    length against them), without reading deferred pixel data. Pixel data long enough for more
+    frames than the header says decodes to several frames there: MultiFrameError, as in
+    decode_pixels."""
+    try:
+        runner = DecodeRunner(ds.file_meta.TransferSyntaxUID)
+    except ValueError:
+        return  # not a transfer syntax pydicom knows: decode_pixels says it cannot decode it
+    element = ds.get_item(PIXEL_DATA, keep_deferred=True)
+    try:
+        runner.set_options(**as_pixel_options(ds), pixel_keyword="PixelData",
+                           pixel_vr=element.VR)
+        # Validation reads only the length of native pixel data: a deferred value is
+        # represented by a zero-copy stand-in of its length, not read (10 MB for a CR).
+        runner.set_source(element.value if element.value is not None
+                          else np.broadcast_to(np.uint8(0), element.length))
+        runner.validate()
+        frames = runner.number_of_frames
+    except Exception as exc:  # noqa: BLE001 - pydicom raises ValueError, AttributeError, ...
+        raise InvalidHeaderError(
+            path, f"the header's pixel description is inconsistent ({exc}); the file was not "
+            "classified. Have the device or archive that wrote it send a corrected copy"
+        ) from exc
+    if frames != 1:
+        raise MultiFrameError(
+            path, f"the pixel data holds {frames} frames though the header says 1: xrvd "
+            "classifies single-frame radiographs only"
+        )
 
 
 _NATIVE_LITTLE_ENDIAN = (pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian)

@@ -25,6 +25,7 @@ class ArchiveFile:
     stat: os.stat_result
     header: pydicom.Dataset | None  # None: not a DICOM instance (reason says why)
     reason: str | None = None
+    outcome: str = "not_dicom"  # the reason code, when header is None
 
 
 class ArchiveMixin:
@@ -55,7 +56,7 @@ class ArchiveMixin:
                         "INSERT OR REPLACE INTO archive_files(path, size, mtime_ns, outcome, "
                         "instance_id, reason, seen_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                         (str(item.path), item.stat.st_size, item.stat.st_mtime_ns,
-                         outcome.status if outcome else "not_dicom",
+                         outcome.status if outcome else item.outcome,
                          outcome.instance_id if outcome else None,
                          (outcome.skipped if outcome else item.reason), now))
                     outcomes.append(outcome)

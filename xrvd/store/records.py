@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
-from pydicom.errors import InvalidDicomError
 
-from ..errors import XrvdError
+from ..errors import XrvdError, malformed_header_detail
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -87,7 +86,7 @@ CREATE TABLE IF NOT EXISTS archive_files (
     path TEXT PRIMARY KEY,
     size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
-    outcome TEXT NOT NULL,  -- stored | duplicate | new_version | not_dicom
+    outcome TEXT NOT NULL,  -- stored | duplicate | new_version | not_dicom | invalid_header
     instance_id INTEGER REFERENCES instances(id),
     reason TEXT,
     seen_at REAL NOT NULL
@@ -100,6 +99,7 @@ ADDED_COLUMNS = (
     ("instances", "view", "TEXT"),
     ("runs", "threshold", "REAL"),
     ("runs", "untrained", "INTEGER"),
+    ("instances", "purged_at", "REAL"),  # when retention deleted its spool file
 )
 
 
@@ -108,6 +108,9 @@ def migrate(db) -> None:
         present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
         if column not in present:
             db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+    # Retention looks only at the spool files it has not deleted yet.
+    db.execute("CREATE INDEX IF NOT EXISTS instances_in_spool ON instances(study_id) "
+               "WHERE purged_at IS NULL AND path NOT LIKE '/%'")
 
 
 JOURNAL = "journal.sqlite3"
@@ -132,9 +135,15 @@ class StoreError(XrvdError):
 
 
 class NotStorableError(XrvdError):
-    """The file is not a DICOM instance the journal can hold (no UIDs, not DICOM)."""
+    """The file is not a DICOM instance the journal can hold: not DICOM, no UIDs (reason
+    not_dicom), or a DICOM header pydicom cannot parse (invalid_header)."""
 
     reason = "not_dicom"
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -165,15 +174,36 @@ class StudyClaim:
 
 
 def read_header(path: Path) -> pydicom.Dataset:
+    """The header without pixel data; raises NotStorableError, with the reason, for any file
+    that is not a DICOM instance, whatever it makes pydicom raise."""
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+        uids = {keyword: str(ds.get(keyword, "") or "").strip()
+                for keyword in ("StudyInstanceUID", "SOPInstanceUID")}
+    except MemoryError:
+        raise  # the machine's fault, not the file's
+    except OSError as exc:
         raise NotStorableError(f"not a readable DICOM file: {exc}") from exc
-    for keyword in ("StudyInstanceUID", "SOPInstanceUID"):
-        value = str(ds.get(keyword, "") or "").strip()
+    except Exception as exc:  # noqa: BLE001 - a crafted header raises anything (RecursionError)
+        if _is_dicom(path, exc):
+            raise NotStorableError(malformed_header_detail(exc), "invalid_header") from exc
+        raise NotStorableError(f"not a readable DICOM file: {exc}") from exc
+    for keyword, value in uids.items():
         if not value or len(value) > 64:
             raise NotStorableError(f"not a DICOM instance: no valid {keyword}")
     return ds
+
+
+def _is_dicom(path: Path, exc: Exception) -> bool:
+    """A file pydicom failed on is DICOM with a malformed header, not some other file, when it
+    has the DICOM marker, or when pydicom got as far as nesting sequences in it."""
+    if isinstance(exc, RecursionError):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
 
 def content_digest(path: Path) -> str:
