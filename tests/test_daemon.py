@@ -19,28 +19,15 @@ from pynetdicom.sop_class import Verification
 
 from xrvd.pipeline.report import FINDING_CODES, read_findings
 
-from .conftest import CXR, NIH_SC, REJECT, RSNA_JPEG, TINY_CR, WG04_CR
+from .conftest import CXR, NIH_SC, REJECT, RSNA_JPEG, TINY_CR, WG04_CR, require_tool
 from .harness import DaemonProcess, copy_with_new_uids, write_config
 
 MODEL = "densenet121-res224-all"
-def dcmtk_tool(name: str) -> str | None:
-    """A DCMTK program from the system PATH: pynetdicom installs a `storescu` of its own into
-    the virtual environment, which `uv run` puts first."""
-    venv_bin = os.path.dirname(sys.executable)
-    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
-                           if p and os.path.realpath(p) != os.path.realpath(venv_bin))
-    return shutil.which(name, path=path)
 
 
-STORESCU = dcmtk_tool("storescu")
-DCIODVFY = dcmtk_tool("dciodvfy")
-
-
-def dciodvfy_errors(path) -> list[str]:
-    done = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)
+def dciodvfy_errors(path, dciodvfy: str) -> list[str]:
+    done = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=60)
     return [line for line in (done.stdout + done.stderr).splitlines() if "Error" in line]
-if os.environ.get("CI") == "true" and STORESCU is None:
-    raise RuntimeError("CI must install DCMTK (storescu): see .ci/run")
 
 
 # DCMTK's storescu proposes uncompressed syntaxes unless told which compressed one to offer.
@@ -55,14 +42,15 @@ _DCMTK_PROPOSE = {
 def storescu(port: int, files, calling_aet: str = "STORESCU") -> subprocess.CompletedProcess:
     """DCMTK's storescu (pynetdicom's own app where DCMTK is not installed), one run per
     transfer syntax so that each file goes in its own encoding."""
+    dcmtk = require_tool("storescu", "dcmtk", optional=True)
     groups: dict[str, list[str]] = {}
     for f in files:
         syntax = pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID
         groups.setdefault(_DCMTK_PROPOSE.get(syntax, ""), []).append(str(f))
     done = None
     for option, group in groups.items():
-        if STORESCU:
-            command = [STORESCU, "-R", *([option] if option else []), "-aet", calling_aet,
+        if dcmtk:
+            command = [dcmtk, "-R", *([option] if option else []), "-aet", calling_aet,
                        "-aec", "XRVD", "127.0.0.1", str(port), *group]
         else:
             command = [sys.executable, "-m", "pynetdicom", "storescu", "-cx", "-aet",
@@ -169,9 +157,10 @@ def test_storescu_sends_every_fixture(daemon, worker_processes):
                       if u == uid}
             assert {k: round(v[0], 6) for k, v in findings.items()} == \
                 {k: round(v, 6) for k, v in stored.items()}
-    if DCIODVFY:
+    dciodvfy = require_tool("dciodvfy", "dicom3tools", optional=True)
+    if dciodvfy:
         for path in written:
-            assert dciodvfy_errors(path) == []
+            assert dciodvfy_errors(path, dciodvfy) == []
     # No patient name or ID reaches the events (log.include_patient_identifiers is off).
     logged = json.dumps(xrvd.events, ensure_ascii=False) + xrvd.stderr
     for f in files:
@@ -409,3 +398,43 @@ def test_serve_without_weights_says_what_to_do(tmp_path):
     assert f"xrvd models import {MODEL}" in done.stderr
     assert any(json.loads(line)["event"] == "daemon.start_failed"
                for line in done.stdout.splitlines())
+
+
+def test_crafted_instances_by_c_store_get_their_reasons_and_spare_the_study(daemon, tmp_path,
+                                                                           monkeypatch):
+    """One study of a good CR and the crafted headers a probe sends (sent as files, as they
+    are on disk): the unparseable one is refused with its reason and leaves nothing behind,
+    the others are stored, skipped as invalid_header, and the good image is still reported."""
+    from pydicom.uid import generate_uid
+    from pynetdicom import _config
+
+    from .harness import CRAFTED, write_crafted
+
+    # The sender streams each file's bytes as they are (pynetdicom's chunked send), never
+    # parsing them: pydicom would stop at the crafted header before anything is sent.
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+
+    xrvd = daemon()
+    study = generate_uid()
+    good = copy_with_new_uids(WG04_CR, tmp_path / "good.dcm", study_uid=study)
+    paths = {"good": tmp_path / "good.dcm"}
+    for kind in CRAFTED:
+        paths[kind] = tmp_path / f"{kind}.dcm"
+        write_crafted(kind, WG04_CR, paths[kind], study_uid=study)
+    ae = AE(ae_title="XRVDTEST")
+    ae.add_requested_context(good.SOPClassUID, good.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", xrvd.port, ae_title="XRVD")
+    assert assoc.is_established
+    try:
+        statuses = {kind: int(assoc.send_c_store(path).Status) for kind, path in paths.items()}
+    finally:
+        assoc.release()
+    assert statuses == {"good": 0, "deep_nesting": 0xC000, "bits_stored_2000": 0,
+                        "bits_stored_40": 0, "rows_beyond_pixel_data": 0}
+    assert [e["reason"] for e in xrvd.find("instance.refused")] == ["invalid_header"]
+    classified = xrvd.wait_for("study.classified", study_instance_uid=study)[0]
+    assert (classified["classified"], classified["skipped"]) == (1, 3)
+    assert sorted(e["reason"] for e in xrvd.find("instance.skipped")) == ["invalid_header"] * 3
+    assert len(results(xrvd.state_dir)) == 1
+    assert list((xrvd.state_dir / "spool" / ".incoming").iterdir()) == []
+    assert xrvd.terminate() == 0

@@ -16,7 +16,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from xrvd.cli import main
 from xrvd.pipeline.report import read_findings
 
-from .conftest import NIH_SC, WG04_CR
+from .conftest import NIH_SC, WG04_CR, require_tool
 from .harness import copy_with_new_uids
 from .test_daemon import daemon, results, send  # noqa: F401 - the daemon fixture
 
@@ -177,8 +177,9 @@ def test_delivery_over_tls(tmp_path):
 
     from .test_report import identity, scores_for
 
+    openssl = require_tool("openssl", "openssl")
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
                     "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -201,7 +202,7 @@ def test_delivery_over_tls(tmp_path):
         assert stored, detail
         assert [ds.SOPInstanceUID for ds in received] == [report.SOPInstanceUID]
         other_ca = tmp_path / "other.pem"
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days",
+        subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days",
                         "1", "-subj", "/CN=other", "-keyout", str(tmp_path / "k2.pem"),
                         "-out", str(other_ca)], check=True, capture_output=True)
         stored, detail = send_report(str(path), Destination(**peer, tls={"ca_file": other_ca}),
