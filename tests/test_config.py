@@ -140,3 +140,13 @@ def test_worker_processes_auto_follows_the_cpus_the_service_may_use(tmp_path, mo
         .service.worker_processes == 0
     [problem] = problems(tmp_path, "service:\n  worker_processes: many\n")
     assert problem == "service.worker_processes: must be auto or a whole number from 0 to 64, got 'many'"
+
+
+def test_storage_bounds_are_validated(tmp_path):
+    found = problems(tmp_path, "storage:\n  min_free_mb: -5\n  keep_spool: weeks 2\n"
+                               "scp:\n  max_pending: 0\n")
+    assert "storage.min_free_mb: must be >= 0, got -5" in found
+    assert "storage.keep_spool: must be none, failed or 'days N', got 'weeks 2'" in found
+    assert "scp.max_pending: must be >= 1, got 0" in found
+    config = load_config(write(tmp_path, "storage:\n  keep_spool: days 7\n"))
+    assert config.storage.keep_days == 7.0

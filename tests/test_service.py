@@ -268,3 +268,46 @@ def test_systemd_unit_verifies(tmp_path):
     assert 2**30 < high < top  # throttled before it is killed, above the measured footprint
     assert 100 <= int(settings["TasksMax"]) <= 4096
 
+
+def test_low_disk_refuses_reports_health_and_resumes_on_reload(service, tmp_path):
+    """A reserve larger than the disk: C-STORE answers A700 before anything is written, a
+    disk.low event and /healthz say why, the watchdog keeps being pinged (a restart would not
+    help); a reload with a reserve that fits makes it receive again, by itself."""
+    xrvd = service(storage={"min_free_mb": 2**40},
+                   service={"status_seconds": 0.2, "metrics": {"enabled": True, "port": 0}})
+    low = xrvd.wait_for("disk.low")[0]
+    assert "storage.min_free_mb" in low["detail"]
+    base = f"http://127.0.0.1:{xrvd.wait_for('metrics.listening')[0]['port']}"
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"{base}/healthz")
+    assert info.value.code == 503
+    assert any("disk low" in p for p in json.load(info.value)["problems"])
+    assert "xrvd_disk_low 1.0" in urllib.request.urlopen(f"{base}/metrics").read().decode()
+    assert send(xrvd.port, [pydicom.dcmread(NIH_SC)]) == [0xA700]
+    assert xrvd.find("instance.refused", reason="disk_low")
+    assert not list((xrvd.state_dir / "spool" / ".incoming").iterdir())
+    assert xrvd.journal("SELECT COUNT(*) FROM instances") == [(0,)]
+    assert not xrvd.find("daemon.unhealthy")
+
+    config_path = tmp_path / "xrvd.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    config["storage"]["min_free_mb"] = 0
+    config_path.write_text(yaml.safe_dump(config))
+    xrvd.signal(signal.SIGHUP)
+    xrvd.wait_for("disk.ok")
+    assert json.load(urllib.request.urlopen(f"{base}/healthz"))["healthy"] is True
+    assert send(xrvd.port, [pydicom.dcmread(NIH_SC)]) == [0]
+    xrvd.wait_for("study.classified")
+    assert xrvd.terminate() == 0
+
+
+def test_spool_files_go_once_the_study_is_reported(service):
+    """keep_spool none: once the study is classified (no destinations), its received file is
+    deleted from the spool, and `xrvd status` counts none."""
+    xrvd = service(storage={"keep_spool": "none"}, service={"status_seconds": 0.2})
+    assert send(xrvd.port, [pydicom.dcmread(NIH_SC)]) == [0]
+    xrvd.wait_for("study.classified")
+    purged = xrvd.wait_for("spool.purged")[0]
+    assert purged["files"] == 1
+    assert not list((xrvd.state_dir / "spool").glob("??/*.dcm"))
+    assert xrvd.terminate() == 0

@@ -1,8 +1,7 @@
-"""The store's guarantees, and the SCP's answer when the store cannot take an instance."""
+"""The store's guarantees."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import sqlite3
 import time
@@ -10,10 +9,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pynetdicom import AE
 
-from xrvd.config import ScpConfig, WatchConfig
-from xrvd.ingest.scp import StorageSCP
+from xrvd.config import WatchConfig
 from xrvd.ingest.watch import DropFolderWatcher
 from xrvd.pipeline.select import SelectRules, select
 from xrvd.store import NotStorableError, Store, StoreError
@@ -117,64 +114,6 @@ def test_orphan_spool_file_is_journaled_at_recovery(tmp_path):
     store.close()
 
 
-class _FullStore(Store):
-    def store_file(self, *args, **kwargs):
-        raise StoreError("cannot write to the spool: No space left on device")
-
-
-@contextlib.contextmanager
-def _association_to(store: Store):
-    """An SCP storing into `store`, and an established association to it that can send the
-    NIH fixture (yielded with it); both are closed afterwards, and the store too."""
-    scp = StorageSCP(ScpConfig(port=0, allowed_calling_aets=["*"]), store)
-    port = scp.start()
-    try:
-        ds = pydicom.dcmread(NIH_SC)
-        ae = AE(ae_title="TEST")
-        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-        assoc = ae.associate("127.0.0.1", port, ae_title="XRVD")
-        assert assoc.is_established
-        yield ds, assoc
-    finally:
-        scp.stop()
-        store.close()
-
-
-def test_scp_answers_out_of_resources_when_the_store_fails(tmp_path):
-    store = _FullStore(tmp_path / "state")
-    with _association_to(store) as (ds, assoc):
-        status = assoc.send_c_store(ds)
-        assoc.release()
-        assert status.Status == 0xA700
-        assert list(store.incoming.iterdir()) == []
-
-
-def test_scp_refuses_an_instance_it_cannot_write_and_keeps_the_association(tmp_path):
-    """A write into the spool that fails (here: a file size limit, as a full disk would)
-    gets 'out of resources' for that instance; the association goes on."""
-    import resource
-    import signal
-
-    store = Store(tmp_path / "state")
-    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG
-    try:
-        with _association_to(store) as (ds, assoc):
-            resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, limits[1]))
-            try:
-                refused = assoc.send_c_store(ds)
-            finally:
-                resource.setrlimit(resource.RLIMIT_FSIZE, limits)
-            assert refused.Status == 0xA700
-            assert assoc.is_established
-            assert list(store.incoming.iterdir()) == []
-            assert assoc.send_c_store(ds).Status == 0x0000  # the sender's retry is taken
-            assoc.release()
-            assert store.query("SELECT COUNT(*) FROM instances") == [(1,)]
-    finally:
-        signal.signal(signal.SIGXFSZ, previous)
-
-
 def test_watcher_survives_a_failing_callback(store, tmp_path, monkeypatch):
     drop = tmp_path / "drop"
     watcher = DropFolderWatcher(WatchConfig(enabled=True, folder=drop, stable_seconds=0.2,
@@ -276,3 +215,17 @@ def test_archive_file_changed_in_place_is_a_new_version(store, tmp_path):
     assert store.query("SELECT version, state FROM instances ORDER BY version") == [
         (1, "superseded"), (2, "stored")]
     assert store.query("SELECT state, generation FROM studies") == [("receiving", 1)]
+
+
+def test_start_up_removes_stale_incoming_files(tmp_path):
+    """A data set half received when the process died is never acknowledged: the next start
+    removes its file instead of keeping it forever."""
+    store = Store(tmp_path / "state")
+    (store.incoming / "rx-partial.dcm").write_bytes(b"\0" * 1000)
+    store.close()
+    store = Store(tmp_path / "state")
+    try:
+        store.recover()
+        assert list(store.incoming.iterdir()) == []
+    finally:
+        store.close()

@@ -112,10 +112,17 @@ class ScpConfig(Section):
     # Peer addresses or networks (CIDR) allowed to connect; empty allows any.
     allowed_peers: list[str] = Field(default_factory=list)
     max_associations: int = Field(default=10, ge=1, le=1000)
+    # Connections not yet associated (their A-ASSOCIATE-RQ not all in). When full, a new
+    # connection closes the one that has waited longest: silent peers cannot lock out others.
+    max_pending: int = Field(default=20, ge=1, le=1000)
+    # The largest PDU xrvd accepts (and announces); a longer one ends the association.
     max_pdu: int = Field(default=131072, ge=4096, le=2**26)
+    # Larger instances are refused with A700 as soon as they pass the limit while arriving.
     max_instance_bytes: int = Field(default=512 * 2**20, ge=1024)
     acse_timeout: float = Field(default=30, gt=0)
     dimse_timeout: float = Field(default=60, gt=0)
+    # A connection must send its association request, and each PDU must arrive whole, within
+    # this many seconds; an association idle this long is closed.
     network_timeout: float = Field(default=60, gt=0)
 
 
@@ -143,6 +150,31 @@ class Destination(Section):
     tls: TlsConfig | None = None
 
 
+
+
+def _keep_spool(value: Any) -> str:
+    text = str(value).strip().lower()
+    words = text.split()
+    if text in ("none", "failed") or (len(words) == 2 and words[0] == "days"
+                                      and words[1].replace(".", "", 1).isdigit()):
+        return text
+    raise ValueError(f"must be none, failed or 'days N', got {value!r}")
+
+
+class StorageConfig(Section):
+    # Free space kept on the state directory's file system: below it C-STORE answers A700
+    # and the drop folder pauses until space returns. Default: 1 GB, or 2 % of a disk
+    # smaller than 50 GB.
+    min_free_mb: int | None = Field(default=None, ge=0)
+    # Spool files of finished studies: none (delete once every report is delivered), failed
+    # (keep those of failed studies only), or "days N" (keep every file N days after its
+    # study finished).
+    keep_spool: Annotated[str, PlainValidator(_keep_spool)] = "failed"
+
+    @property
+    def keep_days(self) -> float | None:
+        words = self.keep_spool.split()
+        return float(words[1]) if words[0] == "days" else None
 
 
 class WatchConfig(Section):
@@ -238,6 +270,7 @@ class Config(Section):
     convert: ConvertConfig = Field(default_factory=ConvertConfig)
     scp: ScpConfig = Field(default_factory=ScpConfig)
     watch: WatchConfig = Field(default_factory=WatchConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     destinations: list[Destination] = Field(default_factory=list)
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     study: StudyConfig = Field(default_factory=StudyConfig)

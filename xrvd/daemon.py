@@ -22,7 +22,7 @@ from .errors import ConfigError, XrvdError
 from .ingest.scp import StorageSCP
 from .ingest.watch import DropFolderWatcher
 from .pipeline.models import Classifier, available_cpus
-from .fsutil import StateDirLock
+from .fsutil import DiskReserve, StateDirLock, reserve_bytes
 from .pool import PreparePool
 from .store import Store
 from .systemd import Notifier
@@ -72,6 +72,7 @@ class Daemon:
         self.pool: PreparePool | None = None
         self.model_name = config.model.name
         self.lock = StateDirLock(config.state_dir, "serve")
+        self.reserve: DiskReserve | None = None
 
     # --- start and stop -----------------------------------------------------------------
 
@@ -81,6 +82,8 @@ class Daemon:
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.lock.acquire()
         self.store = Store(config.state_dir)
+        self.reserve = DiskReserve(config.state_dir, reserve_bytes(
+            config.state_dir, config.storage.min_free_mb))
         recovered = self.store.recover()
         self.log.info("journal.recovered", state_dir=str(config.state_dir), **recovered)
         processes = worker_process_count(config.service.worker_processes)
@@ -101,14 +104,15 @@ class Daemon:
             self.worker.submit = self.pool
         self.worker.start()
         if config.scp.enabled:
-            self.scp = StorageSCP(config.scp, self.store)
+            self.scp = StorageSCP(config.scp, self.store, self.reserve)
             self.scp.start()
         if config.watch.enabled:
-            self.watcher = DropFolderWatcher(config.watch, self.store)
+            self.watcher = DropFolderWatcher(config.watch, self.store, self.reserve)
             self.watcher.start()
         if config.service.metrics.enabled:
             self.metrics_server = metrics.MetricsServer(
-                config.service.metrics.bind, config.service.metrics.port, self.problems)
+                config.service.metrics.bind, config.service.metrics.port,
+                lambda: self.problems() + self.conditions())
             self.metrics_server.start()
             self.log.info("metrics.listening", bind=config.service.metrics.bind,
                           port=self.metrics_server.port)
@@ -156,6 +160,44 @@ class Daemon:
             found.append("a delivery thread is not running")
         return found
 
+    def conditions(self) -> list[str]:
+        """What keeps the daemon from accepting work although nothing in it is broken (a
+        /healthz reason; a restart would not help, so the watchdog keeps being pinged)."""
+        if self.reserve is not None and self.reserve.was_low:
+            return [f"disk low: {self.reserve.describe()}"]
+        return []
+
+    def _watch_disk(self) -> None:
+        """disk.low once when free space falls below the reserve, disk.ok when it is back."""
+        reserve = self.reserve
+        if reserve is None:
+            return
+        free = reserve.free()
+        low = free < reserve.min_free_bytes
+        metrics.DISK_FREE.set(free)
+        metrics.DISK_LOW.set(int(low))
+        if low != reserve.was_low:
+            reserve.was_low = low
+            if low:
+                self.log.error("disk.low", free_mb=free // 2**20,
+                               min_free_mb=reserve.min_free_bytes // 2**20,
+                               detail=reserve.describe() + "; new instances are refused "
+                               "(A700) and the drop folder waits until space returns")
+            else:
+                self.log.info("disk.ok", free_mb=free // 2**20,
+                              detail="free space is back above the reserve: receiving again")
+
+    def _apply_retention(self) -> None:
+        """Delete the spool files that storage.keep_spool no longer keeps."""
+        store, storage = self.store, self.config.storage
+        if store is None:
+            return
+        files, freed = store.purge_spool(storage.keep_spool.split()[0], storage.keep_days)
+        if files:
+            self.log.info("spool.purged", files=files, bytes=freed,
+                          keep_spool=storage.keep_spool)
+        metrics.SPOOL_BYTES.set(store.spool_usage()[1])
+
     def status_line(self) -> str:
         if self.store is None:
             return "starting"
@@ -193,8 +235,11 @@ class Daemon:
             reported = problems
         if not problems and watchdog:
             self.notifier.notify(WATCHDOG=1)
+        self._watch_disk()
         if time.monotonic() >= next_status:
-            self.notifier.notify(STATUS=("UNHEALTHY: " + "; ".join(problems)) if problems
+            self._apply_retention()
+            trouble = problems + self.conditions()
+            self.notifier.notify(STATUS=("UNHEALTHY: " + "; ".join(trouble)) if trouble
                                  else self.status_line())
             next_status = time.monotonic() + self.config.service.status_seconds
         return reported, next_status
@@ -217,6 +262,8 @@ class Daemon:
                       include_patient_identifiers=new.log.include_patient_identifiers)
         if self.scp is not None:
             self.scp.apply_policy(new.scp)
+        if self.reserve is not None:
+            self.reserve.min_free_bytes = reserve_bytes(new.state_dir, new.storage.min_free_mb)
         if self.worker is not None:
             self.worker.apply(new)
         self.config = new

@@ -29,6 +29,7 @@ def status(config: Config, as_json: bool) -> str:
         "studies:   " + (", ".join(f"{n} {s}" for s, n in sorted(studies.items())) or "none"),
         "instances: " + (", ".join(f"{n} {s}" for s, n in sorted(instances.items())) or "none"),
         f"queue:     {report['queue_depth']} studies waiting or processing",
+        _spool_line(report["spool"], config),
     ]
     if report["oldest_waiting"]:
         oldest = report["oldest_waiting"]
@@ -54,6 +55,12 @@ def status(config: Config, as_json: bool) -> str:
     if report["failed_studies"]:
         lines.append("           `xrvd retry` puts failed studies back into the queue.")
     return "\n".join(lines)
+
+
+def _spool_line(spool: dict, config: Config) -> str:
+    free = "unknown" if spool["free_bytes"] is None else f"{spool['free_bytes'] / 2**30:.1f} GB"
+    return (f"spool:     {spool['files']} files, {spool['bytes'] / 2**20:.1f} MB "
+            f"(keep_spool {config.storage.keep_spool}); {free} free on {config.state_dir}")
 
 
 def retry(config: Config, as_json: bool) -> str:

@@ -9,7 +9,6 @@ against an allow-list of calling AE titles and, optionally, peer networks.
 from __future__ import annotations
 
 import ipaddress
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -17,7 +16,6 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     JPEG2000,
-    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -31,16 +29,17 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from ..config import ScpConfig
-from ..fsutil import start_writeback
+from ..fsutil import DiskReserve
 from .. import metrics
 from ..log import get_logger
 from ..store import NotStorableError, Store, StoreError
+from .incoming import Incoming
+from .net import BoundedAssociationServer, NetLimits, abandon_partial
 
 TRANSFER_SYNTAXES = [
     ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
@@ -51,95 +50,19 @@ TRANSFER_SYNTAXES = [
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_PROCESSING_FAILURE = 0xC211
 
 # A-ASSOCIATE-RJ (result, source, reason): rejected permanent, service user, ...
 REJECT_CALLING_AET = (0x01, 0x01, 0x03)
 REJECT_NO_REASON = (0x01, 0x01, 0x01)
 
 
-def _recv_whole(self: AssociationSocket, nr_bytes: int) -> bytearray:
-    """AssociationSocket.recv reads whole: pynetdicom reads PDUs 4 KiB per call, which caps a
-    pynetdicom SCP near 34 images/s of 10 MB here; reading straight into one buffer gives
-    ~46. Same contract: returns fewer bytes only when the peer closed the connection."""
-    buffer = bytearray(nr_bytes)
-    view = memoryview(buffer)
-    received = 0
-    while received < nr_bytes:
-        count = self.socket.recv_into(view[received:], nr_bytes - received)
-        if not count:
-            return buffer[:received]
-        received += count
-    return buffer
-
-
-AssociationSocket.recv = _recv_whole  # type: ignore[method-assign]
-
-
-def _same_uid(self: UID, memo: dict) -> UID:
-    return self
-
-
-# pynetdicom deep-copies the supported presentation contexts for every association, and a
-# UID's deepcopy validates it again with a regular expression: 13 ms per association for the
-# ~170 storage contexts. A UID is an immutable string; its copy can be itself.
-UID.__deepcopy__ = _same_uid  # type: ignore[attr-defined]
-
-_WRITEBACK_EVERY = 4 << 20
-
-
-class _IncomingFile:
-    """The file pynetdicom streams a received data set into (it calls write, file.flush,
-    close and name). Every few MB it asks the kernel to start writing back what arrived, so
-    the fsync before the acknowledgement finds most of the data already on disk; the pages
-    stay cached for the worker, which reads the file next.
-
-    A write that fails (the spool's disk is full) does not raise into pynetdicom, which would
-    abort the association: the rest of the data set is read and dropped, and the C-STORE
-    handler answers 'out of resources' for it (`failure`), as DCMTK's storescp does."""
-
-    failures: dict[str, OSError] = {}  # name -> why; the C-STORE handler takes its entry
-
-    def __init__(self, folder: Path):
-        self._unsynced = 0
-        self._tmp = None
-        try:
-            self._tmp = tempfile.NamedTemporaryFile(dir=folder, prefix="rx-", suffix=".dcm",
-                                                    delete=False, mode="wb")
-            self.name = self._tmp.name
-        except OSError as exc:
-            self.name = str(folder / f"rx-unwritable-{id(self):x}.dcm")
-            self.failures[self.name] = exc
-
-    @property
-    def file(self) -> "_IncomingFile":
-        return self  # pynetdicom flushes `file` after every fragment
-
-    def write(self, data) -> int:
-        if self.name in self.failures:
-            return len(data)
-        try:
-            self._unsynced += self._tmp.file.write(data)
-            if self._unsynced >= _WRITEBACK_EVERY:
-                self._tmp.file.flush()
-                start_writeback(self._tmp.file.fileno())
-                self._unsynced = 0
-        except OSError as exc:
-            self.failures[self.name] = exc
-        return len(data)
-
-    def flush(self) -> None:
-        if self.name not in self.failures:
-            try:
-                self._tmp.file.flush()
-            except OSError as exc:
-                self.failures[self.name] = exc
-
-    def close(self) -> None:
-        if self._tmp is not None:
-            try:
-                self._tmp.close()
-            except OSError as exc:
-                self.failures.setdefault(self.name, exc)
+# What the sender's log shows (64 characters at most); the event has the whole detail.
+_REFUSAL_COMMENTS = {
+    "disk_low": "receiver low on disk space; send again later",
+    "too_large": "instance larger than the receiver accepts",
+    "store_failed": "cannot store the instance now",
+}
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -150,17 +73,15 @@ def _status(code: int, comment: str) -> Dataset:
 
 
 class StorageSCP:
-    def __init__(self, config: ScpConfig, store: Store):
+    def __init__(self, config: ScpConfig, store: Store, reserve: DiskReserve | None = None):
         self.store = store
         self.log = get_logger(component="scp")
+        # Received data sets stream into the spool's incoming folder, so that accepting an
+        # instance is an fsync and a rename, never a copy.
+        self.incoming = Incoming(store.incoming, config.max_instance_bytes, reserve)
         self._policy_lock = threading.Lock()
         self.apply_policy(config)
         self.config = config
-        # Received data sets stream into the spool's incoming folder, so that accepting an
-        # instance is an fsync and a rename, never a copy.
-        _config.STORE_RECV_CHUNKED_DATASET = True
-        incoming = store.incoming
-        dimse_messages.NamedTemporaryFile = lambda **_kwargs: _IncomingFile(incoming)
         ae = AE(ae_title=config.ae_title)
         ae.maximum_associations = config.max_associations
         ae.maximum_pdu_size = config.max_pdu
@@ -183,7 +104,7 @@ class StorageSCP:
             self._any_aet = "*" in config.allowed_calling_aets
             self._aets = {aet for aet in config.allowed_calling_aets if aet != "*"}
             self._networks = networks
-            self.max_instance_bytes = config.max_instance_bytes
+            self.incoming.max_bytes = config.max_instance_bytes
 
     def start(self) -> int:
         handlers = [
@@ -193,10 +114,14 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_store),
         ]
         # As AE.start_server(block=False) does, but keeping the thread so health checks can
-        # see whether the listener is really serving.
-        self.server = self.ae.make_server((self.config.bind, self.config.port),
-                                          evt_handlers=handlers,
-                                          server_class=ThreadedAssociationServer)
+        # see whether the listener is really serving, and with the bounded receive.
+        limits = NetLimits(max_pdu=self.config.max_pdu,
+                           network_timeout=self.config.network_timeout,
+                           max_pending=self.config.max_pending)
+        self.server = BoundedAssociationServer(
+            self.ae, (self.config.bind, self.config.port), self.config.ae_title,
+            self.ae.supported_contexts, evt_handlers=handlers, limits=limits,
+            incoming=self.incoming, on_drop=self._on_dropped)
         self.ae._servers.append(self.server)  # noqa: SLF001 - server.shutdown() expects it
         self._thread = threading.Thread(target=self.server.serve_forever, name="xrvd-scp",
                                         daemon=True)
@@ -269,30 +194,38 @@ class StorageSCP:
                       peer=event.assoc.requestor.address)
 
     def _on_closed(self, event) -> None:
+        abandon_partial(event.assoc)
         self.store.association_closed(self._key(event.assoc))
 
+    def _on_dropped(self, peer: str, reason: str, detail: str) -> None:
+        metrics.CONNECTIONS_DROPPED.labels(reason).inc()
+        self.log.warning("connection.dropped", peer=peer, reason=reason, detail=detail)
+
     def _on_store(self, event) -> Dataset | int:
-        started = time.perf_counter()
         path = Path(event.dataset_path)
+        try:
+            return self._store(event, path)
+        except Exception as exc:  # noqa: BLE001 - a handler error must not leak the file
+            metrics.REFUSED.labels("internal_error").inc()
+            self.log.error("instance.refused", reason="internal_error", error=repr(exc),
+                           sop_instance_uid=str(event.request.AffectedSOPInstanceUID),
+                           calling_aet=event.assoc.requestor.ae_title)
+            return _status(STATUS_PROCESSING_FAILURE, "internal error; see xrvd's log")
+        finally:
+            if path.parent == self.store.incoming:  # not moved into the spool
+                path.unlink(missing_ok=True)
+
+    def _store(self, event, path: Path) -> Dataset | int:
+        started = time.perf_counter()
         calling = event.assoc.requestor.ae_title
         sop_uid = str(event.request.AffectedSOPInstanceUID)
-        failure = _IncomingFile.failures.pop(str(path), None)
-        if failure is not None:
-            path.unlink(missing_ok=True)
-            metrics.REFUSED.labels(StoreError.reason).inc()
-            self.log.error("instance.refused", reason=StoreError.reason,
-                           detail=f"cannot write to {self.store.incoming}: "
-                           f"{failure.strerror or failure}; free space there",
+        refusal = self.incoming.take_refusal(path)
+        if refusal is not None:
+            metrics.REFUSED.labels(refusal.reason).inc()
+            self.log.error("instance.refused", reason=refusal.reason, detail=refusal.detail,
                            sop_instance_uid=sop_uid, calling_aet=calling)
-            return _status(STATUS_OUT_OF_RESOURCES, "cannot store the instance now")
+            return _status(STATUS_OUT_OF_RESOURCES, _REFUSAL_COMMENTS[refusal.reason])
         size = path.stat().st_size
-        if size > self.max_instance_bytes:
-            metrics.REFUSED.labels("too_large").inc()
-            self.log.warning("instance.refused", reason="too_large", size=size,
-                             limit=self.max_instance_bytes, sop_instance_uid=sop_uid,
-                             calling_aet=calling)
-            return _status(STATUS_OUT_OF_RESOURCES,
-                           f"instance of {size} bytes exceeds the limit")
         source = f"scp:{calling}@{event.assoc.requestor.address}"
         try:
             outcome = self.store.store_file(path, source=source, move=True,

@@ -26,6 +26,7 @@ from pathlib import Path
 from ..fsutil import fsync_path
 from ..pipeline.select import never_classified, view_of
 from .archive import ArchiveMixin
+from .retention import RetentionMixin
 from .records import (
     SCHEMA,
     InstanceRow,
@@ -40,7 +41,7 @@ from .records import (
 )
 
 
-class Store(ArchiveMixin):
+class Store(ArchiveMixin, RetentionMixin):
     def __init__(self, state_dir: Path):
         self.state_dir = Path(state_dir)
         self.spool = self.state_dir / "spool"
@@ -324,7 +325,8 @@ class Store(ArchiveMixin):
         with self._lock:
             rows = self._db.execute(
                 "SELECT id, sop_uid, path, state FROM instances WHERE study_id = ? AND "
-                "state != 'superseded' ORDER BY id", (study_id,)).fetchall()
+                "state != 'superseded' AND purged_at IS NULL ORDER BY id",
+                (study_id,)).fetchall()
         return [InstanceRow(i, sop, self.spool / path, state) for i, sop, path, state in rows]
 
     def mark_instance(self, instance_id: int, state: str, reason: str | None = None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..fsutil import free_bytes
 from .records import StoreError, journal_path, open_read_only
 
 
@@ -35,12 +36,22 @@ def read_status(state_dir: Path) -> dict:
                 "SUM(state = 'failed'), (SELECT last_error FROM deliveries e WHERE "
                 "e.destination = d.destination AND e.last_error IS NOT NULL ORDER BY "
                 "e.updated_at DESC LIMIT 1) FROM deliveries d GROUP BY destination")}
+        columns = {row[1] for row in db.execute("PRAGMA table_info(instances)")}
+        unpurged = "purged_at IS NULL AND " if "purged_at" in columns else ""
+        spool_files, spool_bytes = db.execute(
+            f"SELECT COUNT(*), COALESCE(SUM(size), 0) FROM instances WHERE {unpurged}"
+            "path NOT LIKE '/%'").fetchone()
         last_run = db.execute("SELECT model, weights_sha256, finished_at FROM runs "
                               "WHERE state = 'done' ORDER BY finished_at DESC LIMIT 1").fetchone()
     finally:
         db.close()
     now = time.time()
+    try:
+        free = free_bytes(state_dir)
+    except OSError:
+        free = None
     return {
+        "spool": {"files": spool_files, "bytes": spool_bytes, "free_bytes": free},
         "studies": studies,
         "instances": instances,
         "skipped_by_reason": skipped,
