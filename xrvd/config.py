@@ -8,6 +8,7 @@ whatever directory the service is started from.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -100,6 +101,56 @@ def _ae_title(value: str) -> str:
 AETitle = Annotated[str, AfterValidator(_ae_title)]
 
 
+def _network(value: str) -> str:
+    try:
+        ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address or network in CIDR notation "
+                         "(e.g. 10.1.2.3 or 10.1.2.0/24)") from None
+    return value.strip()
+
+
+Network = Annotated[str, AfterValidator(_network)]
+
+
+def is_loopback(host: str) -> bool:
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip()).is_loopback
+    except ValueError:
+        return False  # a host name: whatever it resolves to may be reachable from outside
+
+
+class PeerRule(Section):
+    """A calling AE title that may send only from this address or network: a PACS that moves
+    to another host does not keep its rights, and its title alone cannot be spoofed from
+    elsewhere."""
+
+    ae_title: AETitle
+    address: Network
+
+
+class InboundTlsConfig(Section):
+    """DICOM over TLS (1.2 or newer) on xrvd's listener: xrvd's certificate and key, and the
+    CA that client certificates must be signed by."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None
+    # Default: required when ca_file is set.
+    require_client_cert: bool | None = None
+
+    @model_validator(mode="after")
+    def _client_certificates_need_a_ca(self) -> InboundTlsConfig:
+        if self.require_client_cert is None:
+            self.require_client_cert = self.ca_file is not None
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("require_client_cert is true but ca_file is not set: name the CA "
+                             "that signs the senders' certificates")
+        return self
+
+
 class ScpConfig(Section):
     enabled: bool = True
     ae_title: AETitle = "XRVD"
@@ -107,10 +158,18 @@ class ScpConfig(Section):
     bind: str = "127.0.0.1"
     # 0 picks a free port (the `scp.listening` event says which); for tests.
     port: int = Field(default=11112, ge=0, le=65535)
+    # DICOM over TLS: on `port` itself, or, with tls_port, on a second port beside a plain one.
+    tls: InboundTlsConfig | None = None
+    tls_port: int | None = Field(default=None, ge=0, le=65535)
     # Calling AE titles allowed to send; ["*"] accepts any. Empty: nobody can send yet.
     allowed_calling_aets: list[AETitle | Literal["*"]] = Field(default_factory=list)
     # Peer addresses or networks (CIDR) allowed to connect; empty allows any.
-    allowed_peers: list[str] = Field(default_factory=list)
+    allowed_peers: list[Network] = Field(default_factory=list)
+    # Calling AE titles bound to an address or network: such a title is accepted only from
+    # there (and is allowed without being listed in allowed_calling_aets).
+    peers: list[PeerRule] = Field(default_factory=list)
+    # A listener that is not on loopback needs allowed_peers or tls, or this set to true.
+    allow_any_peer: bool = False
     max_associations: int = Field(default=10, ge=1, le=1000)
     # Connections not yet associated (their A-ASSOCIATE-RQ not all in). When full, a new
     # connection closes the one that has waited longest: silent peers cannot lock out others.
@@ -121,9 +180,22 @@ class ScpConfig(Section):
     max_instance_bytes: int = Field(default=512 * 2**20, ge=1024)
     acse_timeout: float = Field(default=30, gt=0)
     dimse_timeout: float = Field(default=60, gt=0)
-    # A connection must send its association request, and each PDU must arrive whole, within
-    # this many seconds; an association idle this long is closed.
+    # A connection must send its association request (and TLS handshake), and each PDU must
+    # arrive whole, within this many seconds; an association idle this long is closed.
     network_timeout: float = Field(default=60, gt=0)
+
+    @model_validator(mode="after")
+    def _policy_beyond_loopback(self) -> ScpConfig:
+        if self.tls_port is not None and self.tls is None:
+            raise ValueError("tls_port is set but tls is not: give the certificate and key")
+        if (self.enabled and not is_loopback(self.bind) and not self.allowed_peers
+                and self.tls is None and not self.allow_any_peer):
+            raise ValueError(
+                f"bind {self.bind} is reachable from the network, but neither allowed_peers "
+                "nor tls is set: anyone who learns an allowed AE title could send. Set "
+                "scp.allowed_peers (your modalities' and PACS's addresses) or scp.tls, or "
+                "scp.allow_any_peer: true if a firewall already does this")
+        return self
 
 
 class TlsConfig(Section):
@@ -351,8 +423,11 @@ _PATH_KEYS = {("state_dir",), ("model", "weights_dir"), ("watch", "folder"),
 
 
 def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
-    for destination in raw.get("destinations") or []:
-        tls = destination.get("tls") if isinstance(destination, dict) else None
+    scp = raw.get("scp")
+    tls_sections = [scp.get("tls")] if isinstance(scp, dict) else []
+    tls_sections += [destination.get("tls") for destination in raw.get("destinations") or []
+                     if isinstance(destination, dict)]
+    for tls in tls_sections:
         if isinstance(tls, dict):
             for key in ("ca_file", "cert_file", "key_file"):
                 if isinstance(tls.get(key), str):

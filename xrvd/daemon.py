@@ -31,7 +31,8 @@ from .worker import Worker
 # Keys a reload cannot change in a running process; they need a restart.
 RESTART_ONLY = ("state_dir", "model.name", "model.weights_dir", "model.device",
                 "model.threads", "convert", "scp.enabled", "scp.ae_title", "scp.bind",
-                "scp.port", "scp.max_associations", "scp.max_pdu", "watch", "output",
+                "scp.port", "scp.tls", "scp.tls_port", "scp.max_associations", "scp.max_pdu",
+                "scp.max_pending", "scp.network_timeout", "watch", "output",
                 "service.metrics", "service.worker_processes", "model.backend")
 
 

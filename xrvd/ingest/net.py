@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -99,9 +100,8 @@ def _read_exactly(sock: socket.socket, count: int, deadline: float, reason: str)
     return buffer
 
 
-def read_associate_request(sock: socket.socket, timeout: float) -> bytes:
+def read_associate_request(sock: socket.socket, deadline: float) -> bytes:
     """The whole first PDU of a connection, which must be an A-ASSOCIATE-RQ of bounded size."""
-    deadline = time.monotonic() + timeout
     header = _read_exactly(sock, 6, deadline, "association request header")
     pdu_type, _, length = struct.unpack(">BBL", header)
     if pdu_type != A_ASSOCIATE_RQ:
@@ -111,6 +111,58 @@ def read_associate_request(sock: socket.socket, timeout: float) -> bytes:
         raise PeerDropped("pdu_too_large", f"association request of {length} bytes announced; "
                           f"at most {MAX_ASSOCIATE_RQ} are accepted")
     return bytes(header) + bytes(_read_exactly(sock, length, deadline, "association request"))
+
+
+def tls_handshake(sock: socket.socket, context: ssl.SSLContext, deadline: float,
+                  started: Callable[[ssl.SSLSocket], None] = lambda _secure: None
+                  ) -> ssl.SSLSocket:
+    """The server side of the TLS handshake, done in the connection's own thread within the
+    deadline (pynetdicom's server does it in the thread that accepts every connection, where
+    one silent peer would hold up all others). `started` learns the TLS socket, which
+    replaces `sock` (then detached) and is the caller's to close, before the handshake."""
+    secure = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+    started(secure)
+    secure.settimeout(max(0.001, deadline - time.monotonic()))
+    try:
+        secure.do_handshake()
+    except BaseException as exc:
+        raise _handshake_failure(exc) from None
+    return secure
+
+
+def _handshake_failure(exc: BaseException) -> BaseException:
+    if isinstance(exc, TimeoutError):
+        return PeerDropped("timeout", "the TLS handshake did not finish within "
+                           "scp.network_timeout")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        reason = "tls_certificate_expired" if exc.verify_code == _X509_CERT_HAS_EXPIRED \
+            else "tls_certificate_untrusted"
+        return PeerDropped(reason, f"client certificate refused: {exc.verify_message} (its "
+                           "issuer must be in scp.tls.ca_file, and it must be valid now)")
+    if isinstance(exc, ssl.SSLError):
+        return PeerDropped(*_tls_failure(exc))
+    if isinstance(exc, OSError):
+        return PeerDropped("tls_handshake_failed", f"the peer left during the TLS handshake "
+                           f"({exc.strerror or exc}); it may not trust xrvd's certificate")
+    return exc
+
+
+_X509_CERT_HAS_EXPIRED = 10
+_NOT_TLS = {"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL", "HTTPS_PROXY_REQUEST",
+            "UNEXPECTED_RECORD", "RECORD_LAYER_FAILURE"}
+
+
+def _tls_failure(exc: ssl.SSLError) -> tuple[str, str]:
+    if exc.reason in _NOT_TLS:
+        return "tls_not_tls", ("the peer did not start a TLS handshake: a plain DICOM client "
+                               "on the TLS port? Give it TLS, or use the plain port")
+    if exc.reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+        return "tls_no_client_certificate", ("the peer sent no client certificate, and "
+                                             "scp.tls requires one")
+    if exc.reason and "ALERT" in exc.reason:
+        return "tls_handshake_failed", (f"the peer ended the TLS handshake ({exc.reason}); it "
+                                        "may not trust xrvd's certificate or its CA")
+    return "tls_handshake_failed", f"TLS handshake failed: {exc.reason or exc}"
 
 
 class BoundedSocket(AssociationSocket):
@@ -243,22 +295,32 @@ class BoundedRequestHandler(RequestHandler):
     def handle(self) -> None:
         server = self.server
         peer = str(self.client_address[0])
+        deadline = time.monotonic() + server.limits.network_timeout
+        sock = self.request
+
+        def handshake_started(secure: ssl.SSLSocket) -> None:
+            nonlocal sock
+            sock = secure
+            server.replace_pending(self.request, secure)
+
         try:
-            first_pdu = read_associate_request(self.request, server.limits.network_timeout)
+            if server.tls is not None:
+                tls_handshake(sock, server.tls, deadline, handshake_started)
+            first_pdu = read_associate_request(sock, deadline)
         except (PeerDropped, OSError) as exc:
             reason = exc.reason if isinstance(exc, PeerDropped) else "closed"
             if not server.forget_pending(self.request):
                 reason = "evicted"  # the gate closed it to make room for a newer connection
-            server.on_drop(peer, reason, str(exc))
-            self.server.shutdown_request(self.request)
+            server.on_drop(peer, reason, str(exc))  # logged before the peer sees the close
+            server.shutdown_request(sock)
             return
         server.forget_pending(self.request)
-        self.request.settimeout(None)
-        assoc = self._create_association_with(first_pdu, peer)
+        sock.settimeout(None)
+        assoc = self._create_association_with(sock, first_pdu, peer)
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
         assoc.start()
 
-    def _create_association_with(self, first_pdu: bytes, peer: str):
+    def _create_association_with(self, sock: socket.socket, first_pdu: bytes, peer: str):
         """As pynetdicom's RequestHandler._create_association, with our socket, DIMSE
         provider and contexts copy."""
         from pynetdicom.association import Association
@@ -268,8 +330,8 @@ class BoundedRequestHandler(RequestHandler):
         assoc._server = server  # noqa: SLF001 - pynetdicom finds a server's associations by it
         assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
         assoc.dimse = BoundedDimse(assoc, server.incoming)
-        assoc.set_socket(BoundedSocket(assoc, self.request, first_pdu, server.limits,
-                                       server.on_drop, peer))
+        assoc.set_socket(BoundedSocket(assoc, sock, first_pdu, server.limits, server.on_drop,
+                                       peer))
         assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
         assoc.acceptor.ae_title = server.ae_title
         assoc.acceptor.address_info = self.local
@@ -291,28 +353,36 @@ class BoundedAssociationServer(ThreadedAssociationServer):
 
     daemon_threads = True
 
-    def __init__(self, ae, address, ae_title, contexts, ssl_context=None, evt_handlers=None,
-                 *, limits: NetLimits, incoming: Incoming, on_drop: DropHandler):
+    def __init__(self, ae, address, ae_title, contexts, evt_handlers=None, *,
+                 limits: NetLimits, incoming: Incoming, on_drop: DropHandler,
+                 tls: ssl.SSLContext | None = None):
+        self.tls = tls  # handshakes happen in the connections' threads, not at accept
         self.limits = limits
         self.incoming = incoming
         self.on_drop = on_drop
-        self._pending: OrderedDict[socket.socket, str] = OrderedDict()
+        # accepted socket -> the socket to close to evict it (its TLS socket once wrapped)
+        self._pending: OrderedDict[socket.socket, socket.socket] = OrderedDict()
         self._pending_lock = threading.Lock()
-        super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers,
+        super().__init__(ae, address, ae_title, contexts, None, evt_handlers,
                          request_handler=BoundedRequestHandler)
 
     def process_request(self, request, client_address) -> None:
         evicted = None
         with self._pending_lock:
             if len(self._pending) >= self.limits.max_pending:
-                evicted, _ = self._pending.popitem(last=False)
-            self._pending[request] = str(client_address[0])
+                _, evicted = self._pending.popitem(last=False)
+            self._pending[request] = request
         if evicted is not None:
             try:
                 evicted.shutdown(socket.SHUT_RDWR)  # its reader wakes up and drops it
             except OSError:
                 pass
         super().process_request(request, client_address)
+
+    def replace_pending(self, request, current: socket.socket) -> None:
+        with self._pending_lock:
+            if request in self._pending:
+                self._pending[request] = current
 
     def forget_pending(self, request) -> bool:
         """False when the connection was no longer pending (the gate evicted it)."""

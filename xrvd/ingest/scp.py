@@ -8,7 +8,7 @@ against an allow-list of calling AE titles and, optionally, peer networks.
 
 from __future__ import annotations
 
-import ipaddress
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -40,6 +40,7 @@ from ..log import get_logger
 from ..store import NotStorableError, Store, StoreError
 from .incoming import Incoming
 from .net import BoundedAssociationServer, NetLimits, abandon_partial
+from .policy import PeerPolicy, tls_context
 
 TRANSFER_SYNTAXES = [
     ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
@@ -52,9 +53,6 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_PROCESSING_FAILURE = 0xC211
 
-# A-ASSOCIATE-RJ (result, source, reason): rejected permanent, service user, ...
-REJECT_CALLING_AET = (0x01, 0x01, 0x03)
-REJECT_NO_REASON = (0x01, 0x01, 0x01)
 
 
 # What the sender's log shows (64 characters at most); the event has the whole detail.
@@ -63,6 +61,16 @@ _REFUSAL_COMMENTS = {
     "too_large": "instance larger than the receiver accepts",
     "store_failed": "cannot store the instance now",
 }
+
+
+def _client_certificate(assoc) -> dict:
+    """Who the TLS client certificate says the sender is, for the accepted event."""
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if not isinstance(sock, ssl.SSLSocket):
+        return {}
+    subject = dict(item for part in (sock.getpeercert() or {}).get("subject", ())
+                   for item in part)
+    return {"tls": True, "client_certificate": subject.get("commonName")}
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -79,7 +87,6 @@ class StorageSCP:
         # Received data sets stream into the spool's incoming folder, so that accepting an
         # instance is an fsync and a rename, never a copy.
         self.incoming = Incoming(store.incoming, config.max_instance_bytes, reserve)
-        self._policy_lock = threading.Lock()
         self.apply_policy(config)
         self.config = config
         ae = AE(ae_title=config.ae_title)
@@ -94,19 +101,31 @@ class StorageSCP:
             ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         self.ae = ae
-        self.server = None
+        self._listeners: list[tuple[BoundedAssociationServer, threading.Thread]] = []
         self.port: int | None = None
+        self.tls_port: int | None = None  # a second, TLS listener (scp.tls_port)
 
     def apply_policy(self, config: ScpConfig) -> None:
         """Allow-lists can change while running (SIGHUP); associations in flight keep going."""
-        networks = [ipaddress.ip_network(peer, strict=False) for peer in config.allowed_peers]
-        with self._policy_lock:
-            self._any_aet = "*" in config.allowed_calling_aets
-            self._aets = {aet for aet in config.allowed_calling_aets if aet != "*"}
-            self._networks = networks
-            self.incoming.max_bytes = config.max_instance_bytes
+        self.policy = PeerPolicy(config)
+        self.incoming.max_bytes = config.max_instance_bytes
 
     def start(self) -> int:
+        config = self.config
+        secure = tls_context(config.tls) if config.tls is not None else None
+        if secure is not None and config.tls_port is not None:
+            self.port = self._listen(config.port, None)
+            self.tls_port = self._listen(config.tls_port, secure)
+        else:
+            self.port = self._listen(config.port, secure)
+        if self.policy.nobody_allowed:
+            self.log.warning("scp.no_callers_allowed",
+                             detail="scp.allowed_calling_aets and scp.peers are empty: every "
+                             "association will be rejected until you list the modalities "
+                             "and PACS")
+        return self.port
+
+    def _listen(self, port: int, secure: ssl.SSLContext | None) -> int:
         handlers = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ESTABLISHED, self._on_established),
@@ -118,29 +137,26 @@ class StorageSCP:
         limits = NetLimits(max_pdu=self.config.max_pdu,
                            network_timeout=self.config.network_timeout,
                            max_pending=self.config.max_pending)
-        self.server = BoundedAssociationServer(
-            self.ae, (self.config.bind, self.config.port), self.config.ae_title,
+        server = BoundedAssociationServer(
+            self.ae, (self.config.bind, port), self.config.ae_title,
             self.ae.supported_contexts, evt_handlers=handlers, limits=limits,
-            incoming=self.incoming, on_drop=self._on_dropped)
-        self.ae._servers.append(self.server)  # noqa: SLF001 - server.shutdown() expects it
-        self._thread = threading.Thread(target=self.server.serve_forever, name="xrvd-scp",
-                                        daemon=True)
-        self._thread.start()
-        self.port = self.server.server_address[1]
-        if not self._any_aet and not self._aets:
-            self.log.warning("scp.no_callers_allowed",
-                             detail="scp.allowed_calling_aets is empty: every association "
-                             "will be rejected until you list the modalities and PACS")
+            incoming=self.incoming, on_drop=self._on_dropped, tls=secure)
+        self.ae._servers.append(server)  # noqa: SLF001 - server.shutdown() expects it
+        thread = threading.Thread(target=server.serve_forever, name="xrvd-scp", daemon=True)
+        thread.start()
+        self._listeners.append((server, thread))
+        bound = server.server_address[1]
         self.log.info("scp.listening", ae_title=self.config.ae_title, bind=self.config.bind,
-                      port=self.port)
-        return self.port
+                      port=bound, tls=secure is not None)
+        return bound
 
     def stop(self, drain_seconds: float = 10.0) -> None:
         """Stop accepting, let associations in flight finish for a while, then abort them."""
-        if self.server is None:
+        if not self._listeners:
             return
-        self.server.shutdown()
-        self._thread.join(timeout=10)
+        for server, thread in self._listeners:
+            server.shutdown()
+            thread.join(timeout=10)
         deadline = time.monotonic() + drain_seconds
         while self.ae.active_associations and time.monotonic() < deadline:
             for assoc in self.ae.active_associations:
@@ -149,11 +165,11 @@ class StorageSCP:
             self.log.warning("association.aborted", reason="shutdown",
                              calling_aet=assoc.requestor.ae_title)
             assoc.abort()
-        self.server = None
+        self._listeners = []
         self.log.info("scp.stopped")
 
     def alive(self) -> bool:
-        return self.server is not None and self._thread.is_alive()
+        return bool(self._listeners) and all(t.is_alive() for _, t in self._listeners)
 
     # --- handlers -----------------------------------------------------------------------
 
@@ -163,23 +179,16 @@ class StorageSCP:
 
     def _on_requested(self, event) -> None:
         assoc = event.assoc
-        calling = assoc.requestor.primitive.calling_ae_title.strip()
-        address = assoc.requestor.address
-        with self._policy_lock:
-            aet_ok = self._any_aet or calling in self._aets
-            try:
-                peer_ok = not self._networks or any(
-                    ipaddress.ip_address(address) in net for net in self._networks)
-            except ValueError:
-                peer_ok = False
-        if not aet_ok:
-            self.log.warning("association.rejected", calling_aet=calling, peer=address,
-                             reason="calling_aet_not_allowed")
-            self._reject(assoc, REJECT_CALLING_AET)
-        elif not peer_ok:
-            self.log.warning("association.rejected", calling_aet=calling, peer=address,
-                             reason="peer_not_allowed")
-            self._reject(assoc, REJECT_NO_REASON)
+        requested = assoc.requestor.primitive
+        calling = requested.calling_ae_title.strip()
+        verdict = self.policy.check(calling, requested.called_ae_title.strip(),
+                                    assoc.requestor.address)
+        if verdict.reason is not None:
+            self.log.warning("association.rejected", calling_aet=calling,
+                             called_aet=requested.called_ae_title.strip(),
+                             peer=assoc.requestor.address, reason=verdict.reason,
+                             detail=verdict.detail)
+            self._reject(assoc, verdict.reject)
 
     @staticmethod
     def _reject(assoc, result_source_reason: tuple[int, int, int]) -> None:
@@ -191,7 +200,8 @@ class StorageSCP:
     def _on_established(self, event) -> None:
         self.store.association_opened(self._key(event.assoc))
         self.log.info("association.accepted", calling_aet=event.assoc.requestor.ae_title,
-                      peer=event.assoc.requestor.address)
+                      peer=event.assoc.requestor.address,
+                      **_client_certificate(event.assoc))
 
     def _on_closed(self, event) -> None:
         abandon_partial(event.assoc)
@@ -199,7 +209,9 @@ class StorageSCP:
 
     def _on_dropped(self, peer: str, reason: str, detail: str) -> None:
         metrics.CONNECTIONS_DROPPED.labels(reason).inc()
-        self.log.warning("connection.dropped", peer=peer, reason=reason, detail=detail)
+        # A peer TLS did not let in is a rejected sender; the other bounds end connections.
+        name = "association.rejected" if reason.startswith("tls_") else "connection.dropped"
+        self.log.warning(name, peer=peer, reason=reason, detail=detail)
 
     def _on_store(self, event) -> Dataset | int:
         path = Path(event.dataset_path)
