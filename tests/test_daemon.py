@@ -249,7 +249,9 @@ def test_drop_folder(daemon, tmp_path):
     # Left in the folder while the daemon was down (an hour ago): taken at start-up.
     present = copy_with_new_uids(NIH_SC, drop / "already-here")
     os.utime(drop / "already-here", (time.time() - 3600, time.time() - 3600))
-    xrvd = daemon(watch={"enabled": True, "folder": str(drop), "stable_seconds": 120})
+    # File names are asserted on below: logged as they are (they are pseudonyms by default).
+    xrvd = daemon(watch={"enabled": True, "folder": str(drop), "stable_seconds": 120},
+                  log={"include_patient_identifiers": True})
     xrvd.wait_for("instance.stored", sop_instance_uid=present.SOPInstanceUID)
 
     garbage = drop / "nested" / "notes.txt"

@@ -22,7 +22,8 @@ def test_events_are_json_lines_without_patient_identifiers():
                           sop_instance_uid="1.2.3")
     event = json.loads(stream.getvalue())
     assert event["event"] == "instance.stored"
-    assert event["patient_name"] == log.REDACTED and event["patient_id"] == log.REDACTED
+    assert event["patient_name"] == log.pseudonym("DOE^JANE", log.process_salt())
+    assert event["patient_id"] == log.pseudonym("123", log.process_salt())
     assert event["sop_instance_uid"] == "1.2.3"
     structlog.reset_defaults()
 

@@ -200,6 +200,67 @@ def test_a_damaged_cache_is_rebuilt_never_trusted(damage, weights_copy, allow_un
     assert np.array_equal(rebuilt.predict(batch), first.predict(batch))
 
 
+def _config_with_state(tmp_path, folder):
+    config = tmp_path / "xrvd.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'state'}\nmodel:\n  name: {DENSENET}\n"
+                      f"  weights_dir: {folder}\n")
+    return config
+
+
+def test_a_graph_changed_after_export_is_rebuilt_even_with_a_matching_sidecar(
+        weights_copy, allow_untrained, tmp_path, fixture_inputs):
+    """The sidecar sits beside the graph: whoever can write one can write both. Only the
+    record in the state directory tells the exported graph from another one."""
+    import torch
+
+    from xrvd.config import load_config
+    from xrvd.pipeline import weights
+
+    spec = get_spec(DENSENET)
+    folder = weights_copy(DENSENET)
+    config = _config_with_state(tmp_path, folder)
+    first = Classifier.from_config(load_config(config))  # exports and records the graph
+    graph = folder / next(n for n in graphs(folder) if n.endswith(".onnx"))
+    sidecar = graph.with_name(graph.name + ".json")
+    intact = graph.read_bytes()
+
+    # A graph that runs and scores otherwise, with a sidecar rewritten to vouch for it.
+    network = weights.load_network(spec, folder / spec.weights_file).network
+    with torch.no_grad():
+        network.classifier.bias += 3.0
+    forged = onnxrt.export_graph(network, spec)
+    graph.write_bytes(forged)
+    record = json.loads(sidecar.read_text())
+    record.update(onnx_size=len(forged), onnx_sha256=hashlib.sha256(forged).hexdigest())
+    sidecar.write_text(json.dumps(record))
+    assert onnxrt.check_cache(spec, folder, first.identity.weights_sha256).status == "verified"
+
+    with capture_logs() as logs:
+        rebuilt = Classifier.from_config(load_config(config))
+    [invalid] = events(logs, "model.export_invalid")
+    assert invalid["path"] == str(graph) and "recorded" in invalid["reason"]
+    assert events(logs, "model.backend")[0]["source"] == "exported"
+    assert graph.read_bytes() == intact
+    batch = fixture_inputs(224)
+    assert np.array_equal(rebuilt.predict(batch), first.predict(batch))
+
+
+def test_a_graph_exported_without_a_record_is_rebuilt_once(weights_copy, allow_untrained,
+                                                           tmp_path):
+    from xrvd.config import load_config
+
+    folder = weights_copy(DENSENET)
+    assert Classifier.load(DENSENET, folder).backend == "onnxruntime"  # no state dir
+    config = _config_with_state(tmp_path, folder)
+    with capture_logs() as logs:
+        Classifier.from_config(load_config(config))
+    assert "not recorded" in events(logs, "model.export_invalid")[0]["reason"]
+    assert events(logs, "model.backend")[0]["source"] == "exported"
+    with capture_logs() as logs:
+        assert Classifier.from_config(load_config(config)).backend == "onnxruntime"
+    assert events(logs, "model.backend")[0]["source"] == "cache"
+
+
 def test_a_model_that_cannot_be_exported_runs_on_torch(weights_copy, allow_untrained,
                                                        monkeypatch, fixture_inputs):
     def refuse(network, spec):
@@ -282,7 +343,11 @@ def test_models_export_command(weights_copy, allow_untrained, tmp_path, capsys):
     assert main(["models", "export", DENSENET, "--force", "-c", str(config)]) == 0
     assert capsys.readouterr().out.strip() == path
     assert os.stat(path + ".json").st_mtime_ns != written[1]
-    # The daemon's way in finds it too.
+    # The daemon's way in finds it too: the command recorded it in the state directory.
+    from xrvd.pipeline.weights import TrustedHashes
+
+    assert onnxrt.check_cache(get_spec(DENSENET), folder, record["weights_sha256"],
+                              trusted=TrustedHashes(tmp_path / "state")).status == "verified"
     classifier = Classifier.from_config(load_config(config), name=DENSENET)
     assert classifier.backend == "onnxruntime"
 

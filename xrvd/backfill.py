@@ -102,6 +102,12 @@ class Backfill:
         self.out = out
         self.rules = select_rules(config)
         self.log = log.get_logger(component="backfill")
+        # An archive's folders and files are often named after the patient, and so may a
+        # root be (one patient's folder): their paths are pseudonymised in every event.
+        for root in request.paths:
+            log.private_folder(root, itself=True)
+            if Path(root).is_file():  # a DICOMDIR or one file: its folder's files too
+                log.private_folder(Path(root).parent)
         self.found: Counter[str] = Counter()
         self.skip_reasons: Counter[str] = Counter()
 
@@ -152,7 +158,7 @@ class Backfill:
                     continue
                 if outcome.status == "duplicate":
                     self.found["duplicate"] += 1
-                    self.log.info("file.duplicate", path=str(item.path),
+                    self.log.info("file.duplicate", file=str(item.path),
                                   sop_instance_uid=outcome.sop_uid)
                 elif outcome.skipped:
                     self._skip_file(item.path, outcome.skipped, "journaled as skipped")
@@ -164,7 +170,7 @@ class Backfill:
 
     def _skip_file(self, path: Path, reason: str, detail: str) -> None:
         self.skip_reasons[reason] += 1
-        self.log.info("file.skipped", path=str(path), reason=reason, detail=detail)
+        self.log.info("file.skipped", file=str(path), reason=reason, detail=detail)
 
     # --- phase 2 ------------------------------------------------------------------------
 
@@ -202,7 +208,7 @@ class Backfill:
         interrupted = False
         try:
             recovered = store.recover()
-            self.log.info("backfill.started", paths=[str(p) for p in self.request.paths],
+            self.log.info("backfill.started", roots=[str(p) for p in self.request.paths],
                           workers=self.request.workers, **recovered)
             self.register(store, progress)
             worker = Worker(self.config, store, loader.result())
@@ -374,12 +380,16 @@ def run_backfill(config: Config, request: BackfillRequest,
     events on stdout, `backfill.progress` every 10 s, and the table on stderr. log_level (the
     command line's --log-level) overrides the default level of either."""
     interactive = sys.stderr.isatty()
+    # A dry run writes nothing, not even the salt: it reads it if there is one.
+    salt = log.load_salt(config.state_dir, create=not request.dry_run)
     if interactive or request.dry_run:
         log.configure(log_level or "warning", "console", stream="stderr",
-                      include_patient_identifiers=config.log.include_patient_identifiers)
+                      include_patient_identifiers=config.log.include_patient_identifiers,
+                      salt=salt)
     else:
         log.configure(log_level or config.log.level, config.log.format,
-                      include_patient_identifiers=config.log.include_patient_identifiers)
+                      include_patient_identifiers=config.log.include_patient_identifiers,
+                      salt=salt)
     out = sys.stdout if interactive or request.dry_run else sys.stderr
     backfill = Backfill(config, request, out)
     if request.dry_run:

@@ -199,7 +199,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return serve(config, args.config)
     log.configure(args.log_level or "warning", "console", stream="stderr",
-                  include_patient_identifiers=config.log.include_patient_identifiers)
+                  include_patient_identifiers=config.log.include_patient_identifiers,
+                  salt=log.load_salt(config.state_dir, create=False))
     if args.command == "classify":
         return _classify(args, config)
     if args.command in ("status", "retry", "echo"):
@@ -286,21 +287,24 @@ def _models(args: argparse.Namespace, config) -> int:
     from . import modeladmin
 
     if args.models_command == "list":
-        rows = modeladmin.list_models(config.weights_dir, verify=args.verify)
+        rows = modeladmin.list_models(config.weights_dir, verify=args.verify,
+                                      state_dir=config.state_dir)
         print(modeladmin.render_list(rows, config.weights_dir, args.json))
         return EXIT_OK
     if args.models_command == "fetch":
         path = modeladmin.fetch(args.name, config.weights_dir,
-                                args.url or config.model.download_url)
+                                args.url or config.model.download_url,
+                                state_dir=config.state_dir)
         print(f"{args.name}: weights verified and installed at {path}")
         return EXIT_OK
     if args.models_command == "export":
         record = modeladmin.export(args.name, config.weights_dir, threads=config.model.threads,
-                                   force=args.force)
+                                   force=args.force, state_dir=config.state_dir)
         print(f"{args.name}: ONNX graph verified against PyTorch (max abs diff "
               f"{record['max_abs_diff']:.1e}) at:", file=sys.stderr)
         print(record["path"])
         return EXIT_OK
-    path = modeladmin.import_weights(args.name, args.file, config.weights_dir)
+    path = modeladmin.import_weights(args.name, args.file, config.weights_dir,
+                                     state_dir=config.state_dir)
     print(f"{args.name}: weights verified and installed at {path}")
     return EXIT_OK

@@ -260,7 +260,8 @@ class Daemon:
             return
         needs_restart = [key for key in RESTART_ONLY if _get(new, key) != _get(self.config, key)]
         log.configure(new.log.level, new.log.format,
-                      include_patient_identifiers=new.log.include_patient_identifiers)
+                      include_patient_identifiers=new.log.include_patient_identifiers,
+                      salt=log.load_salt(self.config.state_dir))  # state_dir: restart only
         if self.scp is not None:
             self.scp.apply_policy(new.scp)
         if self.reserve is not None:
@@ -285,7 +286,8 @@ class Daemon:
 
 def serve(config: Config, config_path: str | Path | None = None) -> int:
     log.configure(config.log.level, config.log.format,
-                  include_patient_identifiers=config.log.include_patient_identifiers)
+                  include_patient_identifiers=config.log.include_patient_identifiers,
+                  salt=log.load_salt(config.state_dir))
     daemon = Daemon(config, str(config_path) if config_path else None)
     signal.signal(signal.SIGTERM, daemon.request_stop)
     signal.signal(signal.SIGINT, daemon.request_stop)

@@ -57,6 +57,26 @@ class DownloadError(WeightsError):
     reason = "download_failed"
 
 
+class WeightsUnsafeError(WeightsError):
+    """The file names something a TorchXRayVision weights file never contains (a function
+    to call, a class outside the model's own): it was refused before anything in it ran."""
+
+    reason = "weights_unsafe"
+
+
+class WeightsChangedError(WeightsError):
+    """The file is not the one `xrvd models import|fetch` installed (its sha256 differs from
+    the record in the state directory)."""
+
+    reason = "weights_changed"
+
+
+class TrustRecordError(WeightsError):
+    """The record of installed weights in the state directory cannot be read or written."""
+
+    reason = "weights_record_failed"
+
+
 # --- reading and converting images --------------------------------------------------
 
 

@@ -1,17 +1,28 @@
 """`xrvd models list|fetch|import|export`: what is installed, getting weights in place, and
-building the ONNX Runtime graphs ahead of time."""
+building the ONNX Runtime graphs ahead of time.
+
+`state_dir` is where the record of installed weights and exported graphs lives
+(trust.TrustedHashes): `fetch` and `import` record what they install, `export` records the
+graph it builds and refuses weights that differ from their record, `list --verify` reports
+them."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .errors import WeightsError
-from .pipeline import weights
+from .errors import WeightsChangedError, WeightsError, WeightsUnsafeError
+from .pipeline import trust, weights
 from .pipeline.registry import MODELS, get_spec
 
 
-def list_models(weights_dir: Path, *, verify: bool = False) -> list[dict]:
+def _trusted(state_dir: Path | None) -> trust.TrustedHashes | None:
+    return None if state_dir is None else trust.TrustedHashes(state_dir)
+
+
+def list_models(weights_dir: Path, *, verify: bool = False,
+                state_dir: Path | None = None) -> list[dict]:
+    trusted = _trusted(state_dir)
     rows = []
     for spec in MODELS.values():
         path = weights.weights_path(spec, weights_dir)
@@ -29,8 +40,14 @@ def list_models(weights_dir: Path, *, verify: bool = False) -> list[dict]:
         }
         if verify and present:
             try:
-                loaded = weights.load_network(spec, path)
+                checked = trust.check_recorded(spec, path, trusted)
+                loaded = weights.load_network(spec, path, expected_sha256=checked.sha256)
                 row["status"] = "untrained" if loaded.untrained else "ok"
+                row["recorded"] = checked.recorded
+            except WeightsChangedError as exc:
+                row["status"] = f"changed: {exc}"
+            except WeightsUnsafeError as exc:
+                row["status"] = f"unsafe: {exc}"
             except WeightsError as exc:
                 row["status"] = f"corrupt: {exc}"
         else:
@@ -61,15 +78,20 @@ def render_list(rows: list[dict], weights_dir: Path, as_json: bool) -> str:
     return "\n".join(lines)
 
 
-def fetch(name: str, weights_dir: Path, base_url: str | None) -> Path:
-    return weights.fetch(get_spec(name), weights_dir, base_url=base_url)
+def fetch(name: str, weights_dir: Path, base_url: str | None, *,
+          state_dir: Path | None = None) -> Path:
+    return weights.fetch(get_spec(name), weights_dir, base_url=base_url,
+                         trusted=_trusted(state_dir))
 
 
-def import_weights(name: str, source: Path, weights_dir: Path) -> Path:
-    return weights.import_file(get_spec(name), source, weights_dir)
+def import_weights(name: str, source: Path, weights_dir: Path, *,
+                   state_dir: Path | None = None) -> Path:
+    return weights.import_file(get_spec(name), source, weights_dir,
+                               trusted=_trusted(state_dir))
 
 
-def export(name: str, weights_dir: Path, *, threads: int = 0, force: bool = False) -> dict:
+def export(name: str, weights_dir: Path, *, threads: int = 0, force: bool = False,
+           state_dir: Path | None = None) -> dict:
     """Build (or find) the verified ONNX graph of a model; its sidecar record plus `path`.
 
     Untrained weights are exported only where running them is allowed (see untrained.py)."""
@@ -78,17 +100,22 @@ def export(name: str, weights_dir: Path, *, threads: int = 0, force: bool = Fals
     from .pipeline.untrained import untrained_allowed_by_environment
 
     spec = get_spec(name)
+    trusted = _trusted(state_dir)
     path = weights.require(spec, weights_dir)
-    digest = weights.sha256(path)
-    cached = onnxrt.check_cache(spec, path.parent, digest)
+    checked = trust.check_recorded(spec, path, trusted)
+    digest = checked.sha256
+    cached = onnxrt.check_cache(spec, path.parent, digest, trusted=trusted)
     allowed = untrained_allowed_by_environment()
     if cached.status == "verified" and not force:
         refuse_untrained(spec, path, cached.record.get("untrained"), allowed)
+        trust.record_first_use(spec, checked, trusted)
         return {**cached.record, "path": str(cached.path)}
-    loaded = weights.load_network(spec, path)
+    loaded = weights.load_network(spec, path, expected_sha256=digest)
     refuse_untrained(spec, path, loaded.untrained, allowed)
+    trust.record_first_use(spec, checked, trusted)
     built = onnxrt.build(spec, loaded.network, weights_path=path, weights_sha256=digest,
-                         untrained=loaded.untrained, threads=threads or available_cpus())
+                         untrained=loaded.untrained, threads=threads or available_cpus(),
+                         trusted=trusted)
     if not built.verified:
         difference = built.record["max_abs_diff"]
         raise onnxrt.ExportError(

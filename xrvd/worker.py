@@ -27,7 +27,7 @@ import pydicom
 
 from . import metrics
 from .config import Config
-from .log import get_logger
+from .log import get_logger, redact_text
 from .pipeline.convert import ConvertOptions
 from .pipeline.models import Classifier
 from .pipeline.prepare import PrepareJob, Prepared, prepare_instance
@@ -76,6 +76,14 @@ class Reporting:
     work: list[_StudyWork]
     reported: list[_StudyWork]  # those with a report being written, in job order
     results: Callable[[], list[ReportWritten]]
+
+
+def _failure(exc: Exception) -> str:
+    """A study's failure, for its event and the journal. Archive files are read only in
+    prepare_instance, whose errors name them and go through Worker._private; what gets here
+    (the journal, the model, report writing) names xrvd's own files, with any path under a
+    private folder pseudonymised all the same."""
+    return redact_text(f"{type(exc).__name__}: {exc}")
 
 
 def select_rules(config: Config) -> SelectRules:
@@ -190,7 +198,7 @@ class Worker:
 
     def _fail_all(self, claims: list[StudyClaim], exc: Exception) -> None:
         for claim in claims:
-            self._fail(claim, f"{type(exc).__name__}: {exc}")
+            self._fail(claim, _failure(exc))
 
     # --- one round: several studies, shared batches -------------------------------------
 
@@ -212,7 +220,7 @@ class Worker:
             try:
                 rows.extend((item, row) for row in self.store.study_instances(claim.study_id))
             except Exception as exc:  # noqa: BLE001 - one study never stops the others
-                self._fail(claim, f"{type(exc).__name__}: {exc}")
+                self._fail(claim, _failure(exc))
                 continue
             work.append(item)
         jobs = [PrepareJob(row.id, str(row.path)) for _, row in rows]
@@ -224,9 +232,10 @@ class Worker:
         classifies the next."""
         for (item, row), prepared in zip(round_.rows, round_.results(), strict=True):
             if prepared.error is not None:
-                item.error = item.error or prepared.error
+                item.error = item.error or self._private(prepared.error, row)
             elif prepared.skip_reason is not None:
-                self._skip(item, row, prepared.skip_reason, prepared.skip_detail)
+                self._skip(item, row, prepared.skip_reason,
+                           self._private(prepared.skip_detail, row))
             else:
                 item.selected.append((row, prepared.header, prepared.array))
         work = []
@@ -265,7 +274,7 @@ class Worker:
                     raise RuntimeError(f"report not written: {outcome.error}")
                 self._finish(item, outcome)
             except Exception as exc:  # noqa: BLE001
-                self._fail(item.claim, f"{type(exc).__name__}: {exc}")
+                self._fail(item.claim, _failure(exc))
 
     def _report_job(self, item: _StudyWork) -> ReportJob:
         output = self.config.output
@@ -311,6 +320,13 @@ class Worker:
         self.log.info("study.already_reported", study_instance_uid=item.claim.study_uid,
                       result=str(candidates[-1]), classified=len(scores), next_state=state)
         return True
+
+    def _private(self, text: str, row: InstanceRow) -> str:
+        """A message about one instance's file, for events and the journal: an archive file
+        read in place is named by its own path (often after the patient), pseudonymised here;
+        spool files have random names."""
+        in_place = not row.path.is_relative_to(self.store.spool)
+        return redact_text(text, row.path) if in_place else redact_text(text)
 
     def _skip(self, item: _StudyWork, row: InstanceRow, reason: str, detail: str) -> None:
         item.skipped += 1

@@ -21,7 +21,7 @@ from watchdog.observers import Observer
 from ..config import WatchConfig
 from ..fsutil import DiskReserve
 from .. import metrics
-from ..log import get_logger
+from ..log import error_text, get_logger, private_folder
 from ..store import NotStorableError, Store, StoreError
 
 MAX_STORE_FAILURES = 5  # then the file is rejected rather than retried forever
@@ -50,7 +50,7 @@ class _Wake(FileSystemEventHandler):
                 self.watcher.mark_closed(Path(os.fsdecode(event.dest_path)))
             self.watcher.wake()
         except Exception as exc:  # noqa: BLE001 - a callback must never kill the observer
-            self.watcher.log.error("watch.callback_failed", error=repr(exc))
+            self.watcher.log.error("watch.callback_failed", error=error_text(exc))
 
 
 class DropFolderWatcher:
@@ -64,6 +64,10 @@ class DropFolderWatcher:
         self.reserve = reserve
         self.paused = False  # while the disk is below its reserve: files wait where they are
         self.log = get_logger(component="watch")
+        # What is dropped here is named by whoever sent it, often after the patient: its
+        # paths are pseudonymised in every event, whatever key or message holds them.
+        private_folder(self.folder)
+        private_folder(self.rejected)
         self._seen: dict[Path, _Seen] = {}
         self._closed: set[Path] = set()
         self._lock = threading.Lock()
@@ -125,7 +129,7 @@ class DropFolderWatcher:
                     self._recover()
                 self.scan()
             except Exception as exc:  # noqa: BLE001 - the watcher must keep running
-                self.log.error("watch.scan_failed", error=repr(exc))
+                self.log.error("watch.scan_failed", error=error_text(exc))
                 # Not woken early: reading files makes file events that wake the watcher, so
                 # a scan that fails again at once would spin on its own events.
                 self._stop.wait(self.poll_seconds)
@@ -227,16 +231,17 @@ class DropFolderWatcher:
                 failures = seen.failures + 1 if seen else 1
                 if seen:
                     seen.failures = failures
-            self.log.error("watch.store_failed", file=str(relative), error=str(exc),
+            # The file's path goes in its own key (pseudonymised), never inside the message.
+            self.log.error("watch.store_failed", file=str(relative), error=error_text(exc),
                            attempt=failures)
             if failures >= MAX_STORE_FAILURES:
                 self._reject(path, relative, StoreError.reason, f"could not be stored after "
-                             f"{failures} attempts: {exc}")
+                             f"{failures} attempts: {error_text(exc)}")
             return 0
         except Exception as exc:  # noqa: BLE001 - one file must not stop the others
             # Retried, it would fail the same way at every scan: set aside with what happened.
             self._reject(path, relative, "unexpected_error",
-                         f"storing it failed unexpectedly ({type(exc).__name__}: {exc}); "
+                         f"storing it failed unexpectedly ({error_text(exc)}); "
                          "report this to xrvd's maintainers with the file")
             return 0
         with self._lock:
@@ -268,7 +273,7 @@ class DropFolderWatcher:
                 f"{reason}: {detail}\nreceived as {relative} at "
                 f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
         except OSError as exc:
-            self.log.error("watch.reject_failed", file=str(relative), error=str(exc))
+            self.log.error("watch.reject_failed", file=str(relative), error=error_text(exc))
             return
         with self._lock:
             self._seen.pop(path, None)

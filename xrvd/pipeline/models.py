@@ -21,7 +21,8 @@ from ..log import get_logger
 from . import onnxrt
 from .registry import ModelSpec, get_spec
 from .untrained import ALLOW_UNTRAINED_ENV, untrained_allowed_by_environment
-from .weights import load_network, require, sha256
+from .trust import TrustedHashes, check_recorded, record_first_use
+from .weights import load_network, require
 
 BACKENDS = ("auto", "onnxruntime", "torch")
 
@@ -58,7 +59,9 @@ class Classifier:
         """The TorchXRayVision network (torch.nn.Module). On the ONNX Runtime backend it is
         not loaded for inference; asking for it here loads it (with torch) from the weights."""
         if self._network is None:
-            self._network = load_network(self.spec, self._weights_path).network.to(self.device)
+            loaded = load_network(self.spec, self._weights_path,
+                                  expected_sha256=self.identity.weights_sha256)
+            self._network = loaded.network.to(self.device)
         return self._network
 
     @property
@@ -72,30 +75,37 @@ class Classifier:
     @classmethod
     def load(cls, name: str, weights_dir: Path, *, allow_download: bool = False,
              download_url: str | None = None, device: str = "cpu", threads: int = 0,
-             allow_untrained: bool = False, backend: str = "auto") -> Classifier:
+             allow_untrained: bool = False, backend: str = "auto",
+             trusted: TrustedHashes | None = None) -> Classifier:
         """backend: "auto" (ONNX Runtime if installed, else torch), "onnxruntime" or "torch".
-        threads: intra-op threads; 0 means the CPUs this process may use (available_cpus)."""
+        threads: intra-op threads; 0 means the CPUs this process may use (available_cpus).
+        trusted: the state directory's record of installed weights and exported graphs;
+        without it nothing is compared with a record (tests, benchmarks, the demo)."""
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         spec = get_spec(name)
         path = require(spec, weights_dir, allow_download=allow_download,
-                       download_url=download_url)
+                       download_url=download_url, trusted=trusted)
         allowed = allow_untrained or untrained_allowed_by_environment()
         threads = threads or available_cpus()
-        weights_sha256 = sha256(path)
+        checked = check_recorded(spec, path, trusted)
+        weights_sha256 = checked.sha256
         log = get_logger(model=spec.name)
         loaded = None
         if _choose_backend(backend, device, log) == "onnxruntime":
             classifier, loaded = cls._load_onnx(spec, path, weights_sha256, device=device,
-                                                threads=threads, allowed=allowed, log=log)
+                                                threads=threads, allowed=allowed, log=log,
+                                                trusted=trusted)
             if classifier is not None:
+                record_first_use(spec, checked, trusted)
                 return classifier
         import torch
         import torchxrayvision as xrv
 
         if loaded is None:
-            loaded = load_network(spec, path)
+            loaded = load_network(spec, path, expected_sha256=weights_sha256)
             refuse_untrained(spec, path, loaded.untrained, allowed)
+        record_first_use(spec, checked, trusted)
         torch.set_num_threads(threads)
         network = loaded.network.to(device)
         identity = _identity(spec, weights_sha256, xrv.__version__, loaded.untrained)
@@ -104,14 +114,14 @@ class Classifier:
 
     @classmethod
     def _load_onnx(cls, spec: ModelSpec, path: Path, weights_sha256: str, *, device: str,
-                   threads: int, allowed: bool, log):
+                   threads: int, allowed: bool, log, trusted: TrustedHashes | None):
         """(classifier, None) on ONNX Runtime, or (None, the loaded network) to run on torch."""
-        cached = onnxrt.check_cache(spec, path.parent, weights_sha256)
+        cached = onnxrt.check_cache(spec, path.parent, weights_sha256, trusted=trusted)
         if cached.status == "verified":
             record = cached.record
             refuse_untrained(spec, path, record.get("untrained"), allowed)
             try:
-                runner = onnxrt.Runner(cached.path, spec, threads=threads, device=device)
+                runner = onnxrt.Runner(cached.graph, spec, threads=threads, device=device)
             except Exception as exc:  # the file matched its sha256, but cannot be run
                 cached = onnxrt.Cached("invalid", cached.path, reason=f"{type(exc).__name__}: "
                                        f"{str(exc)[:200]}")
@@ -125,7 +135,7 @@ class Classifier:
         if cached.status == "invalid":
             log.warning("model.export_invalid", path=str(cached.path), reason=cached.reason,
                         action="rebuilding it")
-        loaded = load_network(spec, path)
+        loaded = load_network(spec, path, expected_sha256=weights_sha256)
         refuse_untrained(spec, path, loaded.untrained, allowed)
         if cached.status == "rejected":
             _fallback(log, "scores_differ", max_abs_diff=cached.record.get("max_abs_diff"),
@@ -134,7 +144,7 @@ class Classifier:
         try:
             built = onnxrt.build(spec, loaded.network, weights_path=path,
                                  weights_sha256=weights_sha256, untrained=loaded.untrained,
-                                 threads=threads, device=device)
+                                 threads=threads, device=device, trusted=trusted)
         except onnxrt.ExportError as exc:
             _fallback(log, "export_failed", error=str(exc))
             return None, loaded
@@ -152,11 +162,13 @@ class Classifier:
     @classmethod
     def from_config(cls, config, *, name: str | None = None,
                     weights_dir: Path | None = None) -> Classifier:
-        """The model a config asks for (every command that classifies loads it this way)."""
+        """The model a config asks for (every command that classifies loads it this way),
+        checked against the record of installed weights in its state directory."""
         model = config.model
         return cls.load(name or model.name, weights_dir or config.weights_dir,
                         allow_download=model.allow_download, download_url=model.download_url,
-                        device=model.device, threads=model.threads, backend=model.backend)
+                        device=model.device, threads=model.threads, backend=model.backend,
+                        trusted=TrustedHashes(config.state_dir))
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """(N, 1, R, R) float32 in [-1024, 1024] -> (N, len(labels)) scores in [0, 1]."""

@@ -10,6 +10,11 @@ Cache: `<weights_dir>/<model>.<weights sha256[:16]>.<exporter tag>.onnx` and a J
 the graph's sha256, the exporter version, whether the graph was verified against PyTorch and
 by how much they differed. A graph is used only if its sidecar matches the present weights and
 exporter and the file's sha256 matches the sidecar; anything else is rebuilt, never trusted.
+The sidecar sits beside the graph, so whoever can write one can write the other: where the
+caller passes the state directory's record (trust.TrustedHashes), the graph's sha256 must
+also match what was recorded there when it was exported, or it is rebuilt from the weights. A
+graph is never trusted on first use: rebuilding it needs nothing but the weights. The graph is
+read once, and the bytes that were checked are the bytes that run.
 A load from a verified cache needs neither torch nor TorchXRayVision.
 """
 
@@ -23,9 +28,7 @@ import importlib.util
 import io
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -33,11 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import XrvdError
-from ..fsutil import fsync_path
+from ..errors import TrustRecordError, XrvdError
 from ..log import get_logger
 from .registry import ModelSpec
-from .weights import sha256
+from .trust import TrustedHashes, write_atomically_readable
 
 OPSET = 17
 # Bump when the export code changes what the graph computes: every cached export is rebuilt.
@@ -98,9 +100,11 @@ class Cached:
     path: Path
     record: dict | None = None
     reason: str | None = None
+    graph: bytes | None = None  # the verified graph's bytes: run these, not the file again
 
 
-def check_cache(spec: ModelSpec, weights_dir: Path, weights_sha256: str) -> Cached:
+def check_cache(spec: ModelSpec, weights_dir: Path, weights_sha256: str, *,
+                trusted: TrustedHashes | None = None) -> Cached:
     path, sidecar = export_paths(spec, weights_dir, weights_sha256)
     if not sidecar.exists():
         if path.exists():
@@ -120,32 +124,26 @@ def check_cache(spec: ModelSpec, weights_dir: Path, weights_sha256: str) -> Cach
         return Cached("invalid", path, reason="sidecar incomplete")
     if record.get("verified") is not True:
         return Cached("rejected", path, record)
+    size = record.get("onnx_size")
     try:
-        size = path.stat().st_size
+        with open(path, "rb") as f:
+            # no more than the sidecar announces is read: a larger file is damaged anyway
+            graph = f.read(size + 1) if isinstance(size, int) and size >= 0 else b""
     except OSError:
         return Cached("invalid", path, reason="graph file missing")
-    if size != record.get("onnx_size") or sha256(path) != record.get("onnx_sha256"):
+    digest = hashlib.sha256(graph).hexdigest()
+    if len(graph) != size or digest != record.get("onnx_sha256"):
         return Cached("invalid", path, reason="graph file does not match the sha256 in its "
                       "sidecar (truncated or damaged)")
-    return Cached("verified", path, record)
-
-
-def _write_atomically(target: Path, data: bytes) -> None:
-    """Like fsutil.write_atomically, with a private temporary name: two processes exporting
-    the same model at once never write into the same temporary file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide it from the service's user
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_path(target.parent)
+    if trusted is not None:
+        entry = trusted.entry(path)
+        if entry is None:
+            return Cached("invalid", path, reason=f"graph not recorded in {trusted.path} "
+                          "(exported before xrvd recorded graphs there, or put in place by hand)")
+        if entry["sha256"] != digest or entry.get("weights_sha256") != weights_sha256:
+            return Cached("invalid", path, reason=f"graph is not the one recorded in "
+                          f"{trusted.path} when it was exported (changed since)")
+    return Cached("verified", path, record, graph=graph)
 
 
 def _remove_stale(spec: ModelSpec, keep: Path) -> None:
@@ -282,7 +280,8 @@ class Built:
 
 
 def build(spec: ModelSpec, network, *, weights_path: Path, weights_sha256: str,
-          untrained: str | None, threads: int, device: str = "cpu") -> Built:
+          untrained: str | None, threads: int, device: str = "cpu",
+          trusted: TrustedHashes | None = None) -> Built:
     """Export `network`, check it against PyTorch on the check input, and cache the result.
 
     The sidecar is written either way, so a graph that differs from PyTorch is not exported
@@ -323,8 +322,8 @@ def build(spec: ModelSpec, network, *, weights_path: Path, weights_sha256: str,
     }
     try:
         if verified:
-            _write_atomically(path, graph)
-        _write_atomically(sidecar, json.dumps(record, indent=2).encode())
+            write_atomically_readable(path, graph)
+        write_atomically_readable(sidecar, json.dumps(record, indent=2).encode())
         _remove_stale(spec, path)
     except OSError as exc:
         log.warning("model.export_not_cached", folder=str(path.parent),
@@ -332,6 +331,14 @@ def build(spec: ModelSpec, network, *, weights_path: Path, weights_sha256: str,
                     detail="the weights folder is not writable: the model is exported again "
                     "at every start; run `xrvd models export` where it is writable")
         path = None
+    if path is not None and verified and trusted is not None:
+        try:
+            trusted.record(path, record["onnx_sha256"], "export", weights_sha256=weights_sha256)
+        except (OSError, TrustRecordError) as exc:
+            log.warning("model.export_not_recorded", path=str(path), record=str(trusted.path),
+                        error=getattr(exc, "strerror", None) or str(exc),
+                        detail="the graph is exported again at the next start; run `xrvd "
+                        "models export` as a user who can write the state directory")
     log.info("model.exported", path=str(path) if path else None, verified=verified,
              max_abs_diff=record["max_abs_diff"], size_bytes=len(graph),
              duration_s=round(time.perf_counter() - started, 3))

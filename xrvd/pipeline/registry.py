@@ -21,6 +21,9 @@ XRV_OUTPUTS = (
     "Hernia", "Lung Lesion", "Fracture", "Lung Opacity", "Enlarged Cardiomediastinum",
 )
 NAN = math.nan
+# TorchXRayVision's DenseNet constructor unpickles a whole model (its DenseNet weights were
+# saved with torch.save(model)); its ResNet and JF Healthcare loaders read state dicts.
+PICKLED_MODEL_ARCHITECTURES = frozenset({"densenet121"})
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,12 @@ class ModelSpec:
     @property
     def weights_url(self) -> str:
         return RELEASE_URL + self.weights_file
+
+    @property
+    def pickled_model(self) -> bool:
+        """True where the published file is a whole pickled model (`torch.save(model)`), not a
+        state dict: what TorchXRayVision's own loaders expect of each architecture."""
+        return self.architecture in PICKLED_MODEL_ARCHITECTURES
 
     @property
     def label_names(self) -> tuple[str, ...]:

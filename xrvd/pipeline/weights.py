@@ -1,10 +1,14 @@
-"""Weights files: where they live, fetching, importing, and loading them with
-TorchXRayVision's own code.
+"""Weights files: where they live, fetching, importing, the record of what was installed, and
+loading them into TorchXRayVision's own model classes without ever running code from them.
 
 Files keep the names TorchXRayVision gives them (the basename of the release URL), so a folder
 prepared for TorchXRayVision works for xrvd and the reverse. A file is only ever put in place by
 an atomic rename after it has been verified to load into the right architecture: a partial
 download or a bad copy never looks like usable weights.
+
+Reading a file never runs code from it (safeload.py reads it with an allow-list; only its
+tensors are kept, loaded into a network built here), and a file is used only as it was
+installed (trust.py keeps the record of installed files in the state directory).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,12 +30,17 @@ from typing import Any
 
 from ..errors import (
     DownloadError,
+    TrustRecordError,
     UntrainedWeightsError,
+    WeightsChangedError,
     WeightsCorruptError,
     WeightsMissingError,
 )
 from ..fsutil import fsync_path
+from ..log import get_logger
 from .registry import ModelSpec
+from .safeload import MAX_WEIGHTS_BYTES, PickledModule, read_checkpoint
+from .trust import TrustedHashes
 
 UNTRAINED_MARKER = "xrvd_untrained"  # attribute set only by pipeline/untrained.py
 
@@ -40,6 +50,7 @@ class LoadedNetwork:
     network: Any  # torch.nn.Module
     path: Path
     untrained: str | None  # the marker text if these are random test weights
+    sha256: str  # of the bytes the network was read from
 
 
 def weights_path(spec: ModelSpec, weights_dir: Path) -> Path:
@@ -58,26 +69,18 @@ def missing_message(spec: ModelSpec, weights_dir: Path) -> str:
 
 
 def require(spec: ModelSpec, weights_dir: Path, *, allow_download: bool = False,
-            download_url: str | None = None) -> Path:
+            download_url: str | None = None, trusted: TrustedHashes | None = None) -> Path:
     """The weights file for `spec`, downloading it first only if config allows it."""
     path = weights_path(spec, weights_dir)
     if path.is_file():
         return path
     if not allow_download:
         raise WeightsMissingError(missing_message(spec, weights_dir))
-    return fetch(spec, weights_dir, base_url=download_url)
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return fetch(spec, weights_dir, base_url=download_url, trusted=trusted)
 
 
 def fetch(spec: ModelSpec, weights_dir: Path, *, base_url: str | None = None,
-          timeout: float = 30.0) -> Path:
+          timeout: float = 30.0, trusted: TrustedHashes | None = None) -> Path:
     """Download TorchXRayVision's published weights (or a mirror's copy) and put them in place."""
     url = (base_url.rstrip("/") + "/" + spec.weights_file) if base_url else spec.weights_url
 
@@ -101,10 +104,11 @@ def fetch(spec: ModelSpec, weights_dir: Path, *, base_url: str | None = None,
                 f"download the file elsewhere and run `xrvd models import {spec.name} FILE`"
             ) from exc
 
-    return _install(spec, weights_dir, download)
+    return _install(spec, weights_dir, download, trusted, "fetch")
 
 
-def import_file(spec: ModelSpec, source: Path, weights_dir: Path) -> Path:
+def import_file(spec: ModelSpec, source: Path, weights_dir: Path, *,
+                trusted: TrustedHashes | None = None) -> Path:
     """Stage a weights file carried in by hand, after checking it loads into the model."""
     source = Path(source)
     if not source.is_file():
@@ -116,11 +120,12 @@ def import_file(spec: ModelSpec, source: Path, weights_dir: Path) -> Path:
             out.flush()
             os.fsync(out.fileno())
 
-    return _install(spec, weights_dir, copy)
+    return _install(spec, weights_dir, copy, trusted, "import")
 
 
-def _install(spec: ModelSpec, weights_dir: Path, produce) -> Path:
-    """Write into a hidden staging folder beside the final file, verify, then rename."""
+def _install(spec: ModelSpec, weights_dir: Path, produce, trusted: TrustedHashes | None,
+             source: str) -> Path:
+    """Write into a hidden staging folder beside the final file, verify, rename, record."""
     weights_dir = Path(weights_dir)
     try:
         weights_dir.mkdir(parents=True, exist_ok=True)
@@ -133,7 +138,8 @@ def _install(spec: ModelSpec, weights_dir: Path, produce) -> Path:
     try:
         staged = staging / spec.weights_file
         produce(staged)
-        if load_network(spec, staged).untrained:  # raises WeightsCorruptError if unloadable
+        loaded = load_network(spec, staged)  # raises WeightsCorruptError if unloadable
+        if loaded.untrained:
             raise UntrainedWeightsError(
                 f"refusing to install UNTRAINED random weights (written by xrvd's test "
                 f"tooling) as {spec.name}; use the published file {spec.weights_url}"
@@ -141,43 +147,48 @@ def _install(spec: ModelSpec, weights_dir: Path, produce) -> Path:
         final = weights_path(spec, weights_dir)
         os.replace(staged, final)
         fsync_path(weights_dir)
-        return final
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    if trusted is not None:
+        try:
+            trusted.record(final, loaded.sha256, source)
+        except OSError as exc:
+            raise TrustRecordError(
+                f"installed {final}, but cannot record its sha256 in {trusted.path} "
+                f"({exc.strerror or exc}); xrvd refuses weights that differ from their record, "
+                "so run this command again as a user who can write the state directory"
+            ) from exc
+        get_logger(model=spec.name).info("weights.recorded", path=str(final),
+                                         sha256=loaded.sha256, source=source,
+                                         record=str(trusted.path))
+    return final
 
 
-def load_network(spec: ModelSpec, path: Path) -> LoadedNetwork:
-    """Build the model from a weights file with TorchXRayVision's own classes.
+# --- loading --------------------------------------------------------------------------------
+
+
+def load_network(spec: ModelSpec, path: Path, *,
+                 expected_sha256: str | None = None) -> LoadedNetwork:
+    """Build the model from a weights file, reading it once: the bytes that are hashed are
+    the bytes that are loaded. `expected_sha256`: what check_recorded found a moment ago.
 
     TorchXRayVision prints its own messages to stdout; they are sent to stderr so that
     machine-readable output (`--format json`) stays clean.
     """
-    import torch
-
     path = Path(path)
-    # The DenseNet weights are a whole pickled model (TorchXRayVision loads them the same way,
-    # with weights_only=False); the other two are state dicts.
-    pickled_model = spec.architecture == "densenet121"
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=not pickled_model)
-    except Exception as exc:
-        raise WeightsCorruptError(
-            f"{path}: cannot read the weights file ({type(exc).__name__}: {exc}); it is not a "
-            f"PyTorch file or it is damaged. Replace it with `xrvd models fetch {spec.name}` or "
-            f"`xrvd models import {spec.name} FILE`"
-        ) from exc
-    expected = torch.nn.Module if pickled_model else dict
-    if not isinstance(checkpoint, expected):
-        raise WeightsCorruptError(
-            f"{path}: holds a {type(checkpoint).__name__}, but {spec.name} weights are "
-            f"{'a pickled TorchXRayVision model' if pickled_model else 'a state dict'}; "
-            "is this the right file?"
-        )
-    untrained = getattr(checkpoint, UNTRAINED_MARKER, None)
+    data = _read_bounded(spec, path)
+    digest = hashlib.sha256(data).hexdigest()
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise WeightsChangedError(f"{path} changed while it was being loaded; if you are "
+                                  f"replacing it, use `xrvd models import {spec.name} FILE`")
+    with contextlib.redirect_stdout(sys.stderr):
+        checkpoint = read_checkpoint(spec, data, path)
+    untrained = _untrained_marker(spec, checkpoint, path)
     try:
         with contextlib.redirect_stdout(sys.stderr):
             network = _build(spec, path, checkpoint)
+    except WeightsCorruptError:
+        raise
     except Exception as exc:
         raise WeightsCorruptError(
             f"{path}: does not load into {spec.architecture} for {spec.name} "
@@ -189,21 +200,136 @@ def load_network(spec: ModelSpec, path: Path) -> LoadedNetwork:
     # TorchXRayVision prints a normalisation warning on the first image it sees; our inputs
     # are normalised by construction, and the print would corrupt machine-readable output.
     xrv.utils.warning_log["norm_check"] = True
-    return LoadedNetwork(network, path, untrained)
+    return LoadedNetwork(network, path, untrained, digest)
+
+
+def _read_bounded(spec: ModelSpec, path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size > MAX_WEIGHTS_BYTES:
+                raise WeightsCorruptError(_too_large(spec, path))
+            data = f.read(MAX_WEIGHTS_BYTES + 1)
+    except OSError as exc:
+        raise WeightsCorruptError(f"{path}: cannot read the weights file "
+                                  f"({exc.strerror or exc})") from exc
+    if len(data) > MAX_WEIGHTS_BYTES:
+        raise WeightsCorruptError(_too_large(spec, path))
+    return data
+
+
+def _too_large(spec: ModelSpec, path: Path) -> str:
+    return (f"{path}: larger than {MAX_WEIGHTS_BYTES >> 20} MB, which no TorchXRayVision "
+            f"weights file is; is this the right file for {spec.name}?")
+
+
+# --- from what was read to a network ----------------------------------------------------------
+
+
+def _untrained_marker(spec: ModelSpec, checkpoint: Any, path: Path) -> str | None:
+    if isinstance(checkpoint, PickledModule):
+        marker = checkpoint.__dict__.get("state", {}).get(UNTRAINED_MARKER)
+    else:
+        marker = getattr(checkpoint, UNTRAINED_MARKER, None)
+    if marker is not None and not isinstance(marker, str):
+        raise WeightsCorruptError(f"{path}: holds a {UNTRAINED_MARKER} of an unexpected type")
+    return marker
+
+
+def module_state_dict(root: PickledModule) -> OrderedDict:
+    """What `state_dict()` of the pickled model would give, taken from its stand-ins:
+    parameters, then persistent buffers, then each child, as torch orders them."""
+    import torch
+
+    out: OrderedDict = OrderedDict()
+    seen: set[int] = set()
+
+    def walk(module: Any, prefix: str, depth: int) -> None:
+        if not isinstance(module, PickledModule) or depth > 32 or id(module) in seen:
+            raise ValueError(f"{prefix or 'the model'} is not a module of a model")
+        seen.add(id(module))
+        state = module.__dict__.get("state")
+        if state is None:
+            raise ValueError(f"{prefix or 'the model'} was pickled without its attributes")
+        skip = state.get("_non_persistent_buffers_set", set())
+        tables = [state.get("_parameters", {}), state.get("_buffers", {}),
+                  state.get("_modules", {})]
+        if not (all(isinstance(t, dict) for t in tables) and isinstance(skip, set)):
+            raise ValueError(f"{prefix or 'the model'} has module tables of unexpected types")
+        parameters, buffers, children = tables
+        for name, value in [*parameters.items(),
+                            *((n, v) for n, v in buffers.items() if n not in skip)]:
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{prefix}{name} is a {type(value).__name__}, not a tensor")
+            out[prefix + name] = value.detach()
+        for name, child in children.items():
+            if child is not None:
+                walk(child, f"{prefix}{name}.", depth + 1)
+
+    walk(root, "", 0)
+    return out
 
 
 def _build(spec: ModelSpec, path: Path, checkpoint: Any) -> Any:
-    import torchxrayvision as xrv
-
-    # TorchXRayVision's constructors load <cache_dir>/<basename of the URL>; the file exists,
-    # so they never try to download.
     if spec.architecture == "densenet121":
-        return xrv.models.DenseNet(weights=spec.name, cache_dir=str(path.parent))
+        return densenet_network(spec, module_state_dict(checkpoint), path)
     if spec.architecture == "resnet50":
-        return xrv.models.ResNet(weights=spec.name, cache_dir=str(path.parent))
+        return resnet_network(spec, checkpoint, path)
     if spec.architecture == "jfhealthcare-densenet121":
         return jfhealthcare_network(checkpoint, path)
     raise WeightsCorruptError(f"no loader for architecture {spec.architecture}")
+
+
+# TorchXRayVision's constructors read the weights file themselves, with weights_only=False:
+# the two below repeat what they set up around that read, with tensors read here. A test
+# compares each with TorchXRayVision's own construction.
+
+
+def densenet_network(spec: ModelSpec, state_dict: dict, path: Path) -> Any:
+    """`xrv.models.DenseNet(weights=spec.name)`, with these tensors."""
+    import torch
+    import torchxrayvision as xrv
+
+    upstream = xrv.models.model_urls[spec.name]
+    net = xrv.models.DenseNet(num_classes=len(upstream["labels"]))
+    net.weights = spec.name
+    net.targets = upstream["labels"]
+    net.pathologies = net.targets
+    net.weights_filename_local = str(path)
+    net.load_state_dict(state_dict)
+    net.eval()
+    if "op_threshs" in upstream:
+        net.op_threshs = torch.tensor(upstream["op_threshs"])
+    if "input_resolution" in upstream:
+        net.input_resolution = upstream["input_resolution"]
+    return net
+
+
+def resnet_network(spec: ModelSpec, state_dict: dict, path: Path) -> Any:
+    """`xrv.models.ResNet(weights=spec.name)`, with this state dict."""
+    import torch
+    import torchvision
+    import torchxrayvision as xrv
+
+    upstream = xrv.models.model_urls[spec.name]
+    net = xrv.models.ResNet.__new__(xrv.models.ResNet)
+    torch.nn.Module.__init__(net)
+    net.weights = spec.name
+    net.apply_sigmoid = False
+    net.weights_filename_local = str(path)
+    net.weights_dict = upstream
+    net.targets = upstream["labels"]
+    net.pathologies = net.targets
+    net.model = torchvision.models.resnet50(num_classes=len(upstream["labels"]), weights=None)
+    net.model.conv1 = torch.nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    net.model.load_state_dict(state_dict)
+    if "op_threshs" in upstream:
+        net.register_buffer("op_threshs", torch.tensor(upstream["op_threshs"]))
+    if "input_resolution" in upstream:
+        net.input_resolution = upstream["input_resolution"]
+    net.eval()
+    return net
 
 
 def jfhealthcare_network(state_dict: dict | None, path: Path | None = None) -> Any:

@@ -15,6 +15,7 @@ States:
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sqlite3
 import threading
@@ -39,6 +40,17 @@ from .records import (
     migrate,
     read_header,
 )
+
+
+def transition_source(source: str) -> str:
+    """What `transitions` (the journal's log-facing history) records of an instance's source:
+    its kind only ("watch", "backfill", "recovered"), never a drop-folder file name or an
+    archive path; a sender ("scp:AET@address") is not a patient identifier and stays.
+    instances.source keeps the whole source: it is the journal's own record."""
+    kind = source.split(":", 1)[0]
+    if kind == "scp":
+        return source
+    return kind if re.fullmatch(r"[a-z_]+", kind) else "other"
 
 
 class Store(ArchiveMixin, RetentionMixin):
@@ -228,7 +240,7 @@ class Store(ArchiveMixin, RetentionMixin):
              str(ds.get("SOPClassUID", "")), digest, stored_path, size, source,
              "skipped" if skip_reason else "stored", skip_reason, now, now,
              view_of(ds) or None)).lastrowid
-        self._transition(db, "instance", instance_id, "stored", source)
+        self._transition(db, "instance", instance_id, "stored", transition_source(source))
         if skip_reason:
             self._transition(db, "instance", instance_id, "skipped", skip_reason)
         return StoreOutcome("stored" if version == 1 else "new_version", instance_id,
