@@ -115,3 +115,26 @@ def events():
 
 def reasons(captured: list[dict], name: str) -> list[str]:
     return [e.get("reason") for e in captured if e.get("event") == name]
+
+
+@pytest.fixture
+def listener(tmp_path):
+    """Start StorageSCPs on free ports with the given scp settings (any caller allowed unless
+    they say otherwise); each is stopped and its store closed afterwards."""
+    from xrvd.config import ScpConfig
+    from xrvd.ingest.scp import StorageSCP
+    from xrvd.store import Store
+
+    made = []
+
+    def start(**settings):
+        settings.setdefault("allowed_calling_aets", ["*"])
+        scp = StorageSCP(ScpConfig(port=0, **settings), Store(tmp_path / f"state{len(made)}"))
+        scp.start()
+        made.append(scp)
+        return scp
+
+    yield start
+    for scp in made:
+        scp.stop(drain_seconds=1)
+        scp.store.close()

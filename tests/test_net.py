@@ -13,40 +13,17 @@ import time
 from io import BytesIO
 
 import pydicom
-import pytest
 from pydicom.filewriter import dcmwrite
 from pynetdicom import AE, evt
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 
-from xrvd.config import ScpConfig
-from xrvd.ingest.scp import StorageSCP
-from xrvd.store import Store
 from xrvd.store.records import content_digest
 
 from .conftest import WG04_CR, reasons, require_tool
 
 A_ASSOCIATE_RQ, P_DATA_TF = 0x01, 0x04
-
-
-@pytest.fixture
-def scp(tmp_path):
-    """A running SCP with short timeouts; yields it, stops it and closes its store."""
-    made = []
-
-    def start(**settings) -> StorageSCP:
-        store = Store(tmp_path / f"state{len(made)}")
-        config = ScpConfig(port=0, allowed_calling_aets=["*"], **settings)
-        server = StorageSCP(config, store)
-        server.start()
-        made.append(server)
-        return server
-
-    yield start
-    for server in made:
-        server.stop(drain_seconds=1)
-        server.store.close()
 
 
 def _rss_bytes() -> int:
@@ -68,11 +45,11 @@ def _closed_by_peer(sock: socket.socket, timeout: float = 30) -> bool:
         return isinstance(exc, ConnectionResetError)
 
 
-def test_announced_association_requests_allocate_nothing(scp, events):
+def test_announced_association_requests_allocate_nothing(listener, events):
     """10 peers announce 1 GiB association requests: each is refused from its header, and
     the process's memory stays where it was (a reader that allocates the announced length
     takes ~1 GB per peer)."""
-    server = scp()
+    server = listener()
     idle = _rss_bytes()
     peers = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(10)]
     for peer in peers:
@@ -86,8 +63,8 @@ def test_announced_association_requests_allocate_nothing(scp, events):
     assert reasons(events, "connection.dropped") == ["pdu_too_large"] * 10
 
 
-def test_a_pdu_longer_than_the_negotiated_maximum_ends_the_association(scp, events):
-    server = scp(max_pdu=16384)
+def test_a_pdu_longer_than_the_negotiated_maximum_ends_the_association(listener, events):
+    server = listener(max_pdu=16384)
     ae = AE(ae_title="TEST")
     ae.add_requested_context(Verification)
     idle = _rss_bytes()
@@ -100,8 +77,8 @@ def test_a_pdu_longer_than_the_negotiated_maximum_ends_the_association(scp, even
     assert reasons(events, "connection.dropped") == ["pdu_too_large"]
 
 
-def test_a_silent_peer_is_dropped_after_the_network_timeout(scp, events):
-    server = scp(network_timeout=0.5)
+def test_a_silent_peer_is_dropped_after_the_network_timeout(listener, events):
+    server = listener(network_timeout=0.5)
     peer = socket.create_connection(("127.0.0.1", server.port))
     peer.sendall(b"\x01\x00\x00")  # the start of a PDU header, then nothing
     try:
@@ -111,10 +88,10 @@ def test_a_silent_peer_is_dropped_after_the_network_timeout(scp, events):
     assert reasons(events, "connection.dropped") == ["timeout"]
 
 
-def test_a_trickling_pdu_is_dropped_after_the_network_timeout(scp, events):
+def test_a_trickling_pdu_is_dropped_after_the_network_timeout(listener, events):
     """An established association whose next PDU arrives a byte at a time: the whole PDU
     must arrive within scp.network_timeout of its first byte."""
-    server = scp(network_timeout=0.5)
+    server = listener(network_timeout=0.5)
     ae = AE(ae_title="TEST")
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", server.port, ae_title="XRVD")
@@ -141,11 +118,11 @@ def test_a_trickling_pdu_is_dropped_after_the_network_timeout(scp, events):
     assert reasons(events, "connection.dropped") == ["timeout"]
 
 
-def test_stalled_peers_do_not_lock_out_a_sender(scp, events):
+def test_stalled_peers_do_not_lock_out_a_sender(listener, events):
     """20 peers that send the first bytes of a PDU header and stop (twice
     scp.max_associations): DCMTK's echoscu still gets through."""
     echoscu = require_tool("echoscu", "dcmtk")
-    server = scp(max_associations=10)
+    server = listener(max_associations=10)
     stalled = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(20)]
     try:
         for peer in stalled:
@@ -159,10 +136,10 @@ def test_stalled_peers_do_not_lock_out_a_sender(scp, events):
     assert "evicted" in reasons(events, "connection.dropped")
 
 
-def test_an_abandoned_data_set_leaves_no_file(scp):
+def test_an_abandoned_data_set_leaves_no_file(listener):
     """A sender that goes away in the middle of an instance: its partial file is removed
     when the association ends, not at the next start."""
-    server = scp()
+    server = listener()
     ds = pydicom.dcmread(WG04_CR)
     ae = AE(ae_title="TEST")
     ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
@@ -193,10 +170,10 @@ def test_an_abandoned_data_set_leaves_no_file(scp):
     assert list(incoming.iterdir()) == []
 
 
-def test_same_associations_and_bytes_as_stock_pynetdicom(scp, tmp_path):
+def test_same_associations_and_bytes_as_stock_pynetdicom(listener, tmp_path):
     """The same AE served by pynetdicom's own server: the same contexts are accepted for
     the same proposal, and the data set stored is byte for byte the one received."""
-    server = scp()
+    server = listener()
     received = {}
 
     def keep(event):
@@ -227,14 +204,14 @@ def test_same_associations_and_bytes_as_stock_pynetdicom(scp, tmp_path):
     assert content_digest(spooled) == received["digest"]
 
 
-def test_no_library_is_patched_for_the_process(scp):
+def test_no_library_is_patched_for_the_process(listener):
     import tempfile
 
     from pydicom.uid import UID
     from pynetdicom import _config, dimse_messages
     from pynetdicom.transport import AssociationSocket
 
-    scp()  # an SCP made and running changes nothing outside its own objects
+    listener()  # an SCP made and running changes nothing outside its own objects
     assert AssociationSocket.recv.__module__ == "pynetdicom.transport"
     assert "__deepcopy__" not in vars(UID)
     assert dimse_messages.NamedTemporaryFile is tempfile.NamedTemporaryFile

@@ -13,27 +13,8 @@ from xrvd.config import ScpConfig, validate_config
 from xrvd.errors import ConfigError
 from xrvd.ingest.policy import PeerPolicy
 from xrvd.ingest.scp import StorageSCP
-from xrvd.store import Store
 
 from .conftest import NIH_SC, reasons, require_tool
-
-
-@pytest.fixture
-def listener(tmp_path):
-    """Start a StorageSCP with the given scp settings; stopped and closed afterwards."""
-    made = []
-
-    def start(**settings) -> StorageSCP:
-        store = Store(tmp_path / f"state{len(made)}")
-        scp = StorageSCP(ScpConfig(port=0, **settings), store)
-        scp.start()
-        made.append(scp)
-        return scp
-
-    yield start
-    for scp in made:
-        scp.stop(drain_seconds=1)
-        scp.store.close()
 
 
 def _run(tool: str, *args) -> subprocess.CompletedProcess:
