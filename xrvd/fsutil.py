@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -62,6 +64,25 @@ def write_atomically(target: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, target)
+    fsync_path(target.parent)
+
+
+def write_atomically_readable(target: Path, data: bytes) -> None:
+    """Write, fsync, rename into place, fsync the folder, under a private temporary name (two
+    processes writing the same target never share one), readable by every user: files an
+    administrator writes as root are read by the service's own user."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     fsync_path(target.parent)
 
 

@@ -53,8 +53,6 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_PROCESSING_FAILURE = 0xC211
 
-
-
 # What the sender's log shows (64 characters at most); the event has the whole detail.
 _REFUSAL_COMMENTS = {
     "disk_low": "receiver low on disk space; send again later",

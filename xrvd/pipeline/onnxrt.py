@@ -37,9 +37,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TrustRecordError, XrvdError
+from ..fsutil import write_atomically_readable
 from ..log import get_logger
 from .registry import ModelSpec
-from .trust import TrustedHashes, write_atomically_readable
+from .trust import TrustedHashes
 
 OPSET = 17
 # Bump when the export code changes what the graph computes: every cached export is rebuilt.

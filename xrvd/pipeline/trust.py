@@ -12,14 +12,13 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import TrustRecordError, WeightsChangedError
-from ..fsutil import fsync_path
+from ..fsutil import write_atomically_readable
 from ..log import get_logger
 from .registry import ModelSpec
 
@@ -32,25 +31,6 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def write_atomically_readable(target: Path, data: bytes) -> None:
-    """Write, fsync, rename into place, fsync the folder, under a private temporary name (two
-    processes writing the same target never share one), readable by every user: files an
-    administrator writes as root are read by the service's own user."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_path(target.parent)
 
 
 class TrustedHashes:
