@@ -115,7 +115,7 @@ def main() -> None:
     # parent's resident size, so everything heavy runs in children.
     from importlib.metadata import version
 
-    from xrvd.pipeline.models import available_cpus
+    from xrvd.cpus import available_cpus
 
     begun = time.perf_counter()
     print(f"CPUs available: {available_cpus()} (threads: {args.threads or 'auto'}); "

@@ -129,7 +129,7 @@ def test_destinations_are_validated(tmp_path):
 
 
 def test_worker_processes_auto_follows_the_cpus_the_service_may_use(tmp_path, monkeypatch):
-    from xrvd import daemon
+    from xrvd.commands import serve as daemon
 
     assert load_config(None).service.worker_processes == "auto"
     for cpus, expected in [(1, 0), (2, 2), (3, 3), (16, daemon.AUTO_WORKER_PROCESSES_AT_MOST)]:

@@ -17,7 +17,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from xrvd.pipeline.report import FINDING_CODES, read_findings
+from xrvd.report.build import FINDING_CODES, read_findings
 
 from .conftest import CXR, NIH_SC, REJECT, RSNA_JPEG, TINY_CR, WG04_CR, require_tool
 from .harness import DaemonProcess, copy_with_new_uids, write_config

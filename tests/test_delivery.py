@@ -14,7 +14,7 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 
 from xrvd.cli import main
-from xrvd.pipeline.report import read_findings
+from xrvd.report.build import read_findings
 
 from .conftest import NIH_SC, WG04_CR, require_tool
 from .harness import copy_with_new_uids
@@ -173,7 +173,7 @@ def test_delivery_over_tls(tmp_path):
 
     from xrvd.config import Destination
     from xrvd.deliver import send_report
-    from xrvd.pipeline.report import build_report
+    from xrvd.report.build import build_report
 
     from .test_report import identity, scores_for
 

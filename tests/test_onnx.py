@@ -19,7 +19,8 @@ from xrvd.errors import ImageError
 from xrvd.pipeline import models as models_module
 from xrvd.pipeline import onnxrt
 from xrvd.pipeline.convert import prepare_file
-from xrvd.pipeline.models import Classifier, available_cpus
+from xrvd.cpus import available_cpus
+from xrvd.pipeline.models import Classifier
 from xrvd.pipeline.registry import MODELS, get_spec
 from xrvd.pipeline.untrained import ALLOW_UNTRAINED_ENV
 

@@ -9,17 +9,17 @@ import numpy as np
 import pydicom
 import pytest
 
-from xrvd.pipeline import report
+from xrvd.report import build as report
 from xrvd.pipeline.models import ModelIdentity
 from xrvd.pipeline.registry import get_spec
-from xrvd.pipeline.report import (
+from xrvd.report.build import (
     FINDING_CODES,
     PRIVATE_SCHEME,
     build_report,
     read_findings,
     report_uid,
 )
-from xrvd.pipeline.srdocument import comparable
+from xrvd.report.template import comparable
 
 from .conftest import NIH_SC, RSNA_JPEG, WG04_CR, require_tool
 

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from xrvd.config import validate_config
-from xrvd.ops import status
+from xrvd.commands.ops import status
 from xrvd.store import Store
 from xrvd.store.archive import ArchiveFile
 from xrvd.store.records import read_header

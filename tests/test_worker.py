@@ -13,7 +13,7 @@ from xrvd.config import Config, ScpConfig
 from xrvd.ingest.scp import StorageSCP
 from xrvd.pipeline.models import Classifier
 from xrvd.store import Store
-from xrvd.reportwriter import safe_name
+from xrvd.report.files import safe_name
 from xrvd.worker import Worker
 
 from .conftest import NIH_SC

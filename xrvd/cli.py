@@ -40,7 +40,7 @@ def _non_negative_int(text: str) -> int:
 
 
 def _date(text: str):
-    from .backfill import parse_date
+    from .commands.backfill import parse_date
 
     try:
         return parse_date(text)
@@ -49,8 +49,8 @@ def _date(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .classify import FORMATS
-    from .export import FORMATS as EXPORT_FORMATS
+    from .commands.classify import FORMATS
+    from .commands.export import FORMATS as EXPORT_FORMATS
     from .pipeline.registry import MODELS
 
     parser = argparse.ArgumentParser(
@@ -195,7 +195,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     if args.command == "serve":
-        from .daemon import serve
+        from .commands.serve import serve
 
         return serve(config, args.config)
     log.configure(args.log_level or "warning", "console", stream="stderr",
@@ -206,7 +206,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("status", "retry", "echo"):
         return _ops(args, config)
     if args.command == "demo":
-        from .demo import run_demo
+        from .commands.demo import run_demo
 
         return run_demo(config)
     if args.command == "backfill":
@@ -217,7 +217,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _classify(args: argparse.Namespace, config) -> int:
-    from .classify import classify_files, render
+    from .commands.classify import classify_files, render
     from .pipeline.convert import ConvertOptions
     from .pipeline.models import Classifier
 
@@ -239,8 +239,8 @@ def _classify(args: argparse.Namespace, config) -> int:
 
 
 def _backfill(args: argparse.Namespace, config) -> int:
-    from .backfill import BackfillRequest, run_backfill
-    from .pipeline.models import available_cpus
+    from .commands.backfill import BackfillRequest, run_backfill
+    from .cpus import available_cpus
 
     request = BackfillRequest(
         paths=tuple(args.paths), recursive=args.recursive, dry_run=args.dry_run,
@@ -250,7 +250,7 @@ def _backfill(args: argparse.Namespace, config) -> int:
 
 
 def _export(args: argparse.Namespace, config) -> int:
-    from .export import export
+    from .commands.export import export
 
     fmt = args.format or {".jsonl": "jsonl", ".parquet": "parquet"}.get(
         Path(args.out).suffix.lower(), "csv")
@@ -261,7 +261,7 @@ def _export(args: argparse.Namespace, config) -> int:
 
 
 def _ops(args: argparse.Namespace, config) -> int:
-    from . import ops
+    from .commands import ops
 
     if args.command == "status":
         print(ops.status(config, args.json))
@@ -284,7 +284,7 @@ def _ops(args: argparse.Namespace, config) -> int:
 
 
 def _models(args: argparse.Namespace, config) -> int:
-    from . import modeladmin
+    from .commands import models as modeladmin
 
     if args.models_command == "list":
         rows = modeladmin.list_models(config.weights_dir, verify=args.verify,

@@ -25,7 +25,6 @@ from pydantic import (
 )
 
 from .errors import ConfigError
-from .pipeline.registry import DEFAULT_MODEL, MODELS
 
 
 def default_state_dir() -> Path:
@@ -38,6 +37,16 @@ def default_state_dir() -> Path:
     xdg = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
     return Path(xdg) / "xrvd"
 
+# The models pipeline/registry.py describes, by name: config is a leaf and must not import the
+# registry (and torch's neighbours with it) to validate a name; the registry checks at import
+# that it describes exactly these.
+MODEL_NAMES = (
+    "densenet121-res224-all", "densenet121-res224-nih", "densenet121-res224-pc",
+    "densenet121-res224-chex", "densenet121-res224-mimic_nb", "densenet121-res224-mimic_ch",
+    "densenet121-res224-rsna", "resnet50-res512-all", "jfhealthcare-densenet121-res512",
+)
+DEFAULT_MODEL = "densenet121-res224-all"
+
 
 def _unit_interval(value: float) -> float:
     if not 0.0 <= value <= 1.0:
@@ -46,10 +55,11 @@ def _unit_interval(value: float) -> float:
 
 
 def _known_model(name: str) -> str:
-    if name not in MODELS:
-        close = difflib.get_close_matches(name, MODELS, n=1)
+    if name not in MODEL_NAMES:
+        close = difflib.get_close_matches(name, MODEL_NAMES, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ValueError(f"unknown model {name!r}; {hint}choose one of: {', '.join(MODELS)}")
+        raise ValueError(f"unknown model {name!r}; {hint}choose one of: "
+                         f"{', '.join(MODEL_NAMES)}")
     return name
 
 

@@ -19,7 +19,7 @@ from pynetdicom import AE
 from . import metrics
 from .config import Config, Destination
 from .log import get_logger
-from .pipeline.report import stable_uid
+from .report.build import stable_uid
 from .store import Store
 
 SUCCESS_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}

@@ -5,6 +5,6 @@ the first."""
 
 from .pipeline import prepare  # noqa: F401 - pydicom, numpy
 from .pool import load_libraries
-from .reportwriter import write_report  # noqa: F401 - highdicom
+from .report.files import write_report  # noqa: F401 - highdicom
 
 load_libraries()

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .pipeline.prepare import PrepareJob, Prepared
-from .reportwriter import ReportWritten
+from .report.files import ReportWritten
 
 PREPARE_NICENESS = 10
 
@@ -36,7 +36,7 @@ def load_libraries() -> None:
     process as it starts, which loads its own copy where it was spawned."""
     import torch
 
-    from .pipeline.srdocument import is_image_class
+    from .report.template import is_image_class
 
     torch.set_num_threads(1)  # one process per core: no thread pools competing inside them
     is_image_class("1.2.840.10008.5.1.4.1.1.1")  # CR Image Storage

@@ -31,9 +31,9 @@ from .log import get_logger, redact_text
 from .pipeline.convert import ConvertOptions
 from .pipeline.models import Classifier
 from .pipeline.prepare import PrepareJob, Prepared, prepare_instance
-from .pipeline.report import FINDING_CODES, read_findings
+from .report.build import FINDING_CODES, read_findings
 from .pipeline.select import SelectRules
-from .reportwriter import (
+from .report.files import (
     OutputSettings,
     ReportJob,
     ReportWritten,

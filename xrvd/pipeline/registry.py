@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..config import DEFAULT_MODEL, MODEL_NAMES  # noqa: F401 - DEFAULT_MODEL: re-exported
 from ..errors import UnknownModelError
 
 RELEASE_URL = "https://github.com/mlmed/torchxrayvision/releases/download/v1/"
@@ -176,7 +177,8 @@ def _build_registry() -> dict[str, ModelSpec]:
 
 
 MODELS: dict[str, ModelSpec] = _build_registry()
-DEFAULT_MODEL = "densenet121-res224-all"
+if tuple(MODELS) != MODEL_NAMES:  # config validates names against its own list
+    raise ImportError(f"the registry's models {tuple(MODELS)} differ from config.MODEL_NAMES")
 
 
 def get_spec(name: str) -> ModelSpec:

@@ -8,7 +8,7 @@ import time
 from collections import Counter
 from typing import TextIO
 
-from .log import get_logger
+from ..log import get_logger
 
 
 class Progress:

@@ -18,9 +18,9 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 
-from .fsutil import write_atomically
-from .pipeline.models import ModelIdentity
-from .pipeline.report import build_report
+from ..fsutil import write_atomically
+from ..pipeline.models import ModelIdentity
+from .build import build_report
 
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 

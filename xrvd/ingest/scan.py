@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pydicom
 
-from .errors import CrawlError
+from ..errors import CrawlError
 
 DICOMDIR = "DICOMDIR"
 

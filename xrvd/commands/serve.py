@@ -15,18 +15,19 @@ import threading
 import time
 from pathlib import Path
 
-from . import __version__, log, metrics
-from .config import Config, load_config
-from .deliver import Deliverer
-from .errors import ConfigError, XrvdError
-from .ingest.scp import StorageSCP
-from .ingest.watch import DropFolderWatcher
-from .pipeline.models import Classifier, available_cpus
-from .fsutil import DiskReserve, StateDirLock, reserve_bytes
-from .pool import PreparePool
-from .store import Store
-from .systemd import Notifier
-from .worker import Worker
+from .. import __version__, log, metrics
+from ..config import Config, load_config
+from ..deliver import Deliverer
+from ..errors import ConfigError, XrvdError
+from ..ingest.scp import StorageSCP
+from ..ingest.watch import DropFolderWatcher
+from ..cpus import available_cpus
+from ..pipeline.models import Classifier
+from ..fsutil import DiskReserve, StateDirLock, reserve_bytes
+from ..pool import PreparePool
+from ..store import Store
+from ..systemd import Notifier
+from ..worker import Worker
 
 # Keys a reload cannot change in a running process; they need a restart.
 RESTART_ONLY = ("state_dir", "model.name", "model.weights_dir", "model.device",

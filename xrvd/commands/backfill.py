@@ -30,21 +30,21 @@ from itertools import islice
 from pathlib import Path
 from typing import TextIO
 
-from . import log
-from .config import Config
-from .crawl import crawl
-from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL
-from .fsutil import StateDirLock
-from .pipeline.convert import ConvertOptions
-from .pipeline.prepare import PrepareJob, Prepared, prepare_instance
-from .pipeline.registry import get_spec
-from .pipeline.select import view_of
-from .pool import PreparePool
+from .. import log
+from ..config import Config
+from ..ingest.scan import crawl
+from ..errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL
+from ..fsutil import StateDirLock
+from ..pipeline.convert import ConvertOptions
+from ..pipeline.prepare import PrepareJob, Prepared, prepare_instance
+from ..pipeline.registry import get_spec
+from ..pipeline.select import view_of
+from ..pool import PreparePool
 from .progress import Progress, print_table
-from .store import NotStorableError, Store
-from .store.archive import ArchiveFile
-from .store.records import open_read_only, read_header
-from .worker import Worker, select_rules
+from ..store import NotStorableError, Store
+from ..store.archive import ArchiveFile
+from ..store.records import open_read_only, read_header
+from ..worker import Worker, select_rules
 
 REGISTER_BATCH = 256
 
@@ -360,7 +360,7 @@ class _ClassifierLoader:
         self._thread.start()
 
     def _load(self, config: Config) -> None:
-        from .pipeline.models import Classifier
+        from ..pipeline.models import Classifier
 
         try:
             self._classifier = Classifier.from_config(config)

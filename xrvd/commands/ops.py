@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 import time
 
-from .config import Config
-from .store import Store, read_status
+from ..config import Config
+from ..store import Store, read_status
 
 
 def status(config: Config, as_json: bool) -> str:
     report = read_status(config.state_dir)
     report["model"] = config.model.name
-    from . import __version__
+    from .. import __version__
 
     report["xrvd_version"] = __version__
     sent = report.pop("deliveries")

@@ -15,9 +15,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import XrvdError
-from .pipeline.registry import MODELS
-from .store.results import ImageResult, iter_results, models_with_results, open_journal
+from ..errors import XrvdError
+from ..pipeline.registry import MODELS
+from ..store.results import ImageResult, iter_results, models_with_results, open_journal
 
 FORMATS = ("csv", "jsonl", "parquet")
 BASE_COLUMNS = ("study_instance_uid", "series_instance_uid", "sop_instance_uid", "view",

@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import ImageError, NonFiniteScoresError, UnreadableFileError
-from .log import get_logger
-from .pipeline.convert import ConvertOptions, prepare_file
-from .pipeline.models import Classifier, ModelIdentity
-from .pipeline.prepare import conversion_errors
-from .pipeline.untrained import UNTRAINED_BANNER
+from ..errors import ImageError, NonFiniteScoresError, UnreadableFileError
+from ..log import get_logger
+from ..pipeline.convert import ConvertOptions, prepare_file
+from ..pipeline.models import Classifier, ModelIdentity
+from ..pipeline.prepare import conversion_errors
+from ..pipeline.untrained import UNTRAINED_BANNER
 
 FORMATS = ("table", "json", "csv")
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import WeightsChangedError, WeightsError, WeightsUnsafeError
-from .pipeline import trust, weights
-from .pipeline.registry import MODELS, get_spec
+from ..errors import WeightsChangedError, WeightsError, WeightsUnsafeError
+from ..pipeline import trust, weights
+from ..pipeline.registry import MODELS, get_spec
 
 
 def _trusted(state_dir: Path | None) -> trust.TrustedHashes | None:
@@ -95,9 +95,10 @@ def export(name: str, weights_dir: Path, *, threads: int = 0, force: bool = Fals
     """Build (or find) the verified ONNX graph of a model; its sidecar record plus `path`.
 
     Untrained weights are exported only where running them is allowed (see untrained.py)."""
-    from .pipeline import onnxrt
-    from .pipeline.models import available_cpus, refuse_untrained
-    from .pipeline.untrained import untrained_allowed_by_environment
+    from ..pipeline import onnxrt
+    from ..cpus import available_cpus
+    from ..pipeline.models import refuse_untrained
+    from ..pipeline.untrained import untrained_allowed_by_environment
 
     spec = get_spec(name)
     trusted = _trusted(state_dir)
