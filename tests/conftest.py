@@ -1,51 +1,27 @@
-"""Shared fixtures: the shared data folder and weights folders holding UNTRAINED weights in
-TorchXRayVision's own file formats (real weights cannot be downloaded here)."""
+"""Shared fixtures: weights folders holding UNTRAINED weights in TorchXRayVision's own file
+formats (real weights cannot be downloaded here), with their ONNX graphs exported once per
+session; captured events; SCPs on free ports; crafted files. Plain helpers and the shared data's
+paths are in harness.py."""
 
 from __future__ import annotations
 
-import os
+import http.server
+import json
 import shutil
-import sys
+import threading
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("XRVD_SHARED_DATA", REPO.parent / "shared" / "data"))
-CXR = DATA / "cxr"
-REJECT = DATA / "reject"
-
-WG04_CR = CXR / "wg04_cr_chest_mono1_15bit.dcm"
-NIH_SC = CXR / "nih_dx_sc_mono2_8bit.dcm"
-RSNA_JPEG = CXR / "rsna_cr_chest_jpeg_baseline.dcm"
-TINY_CR = CXR / "tiny_cr_chest_mono1_32px.dcm"
-PNGS = sorted(CXR.glob("*.png"))
-
-
-def require_tool(name: str, package: str, *, optional: bool = False) -> str | None:
-    """The path of a system program a test talks to (DCMTK, dicom3tools, Orthanc, systemd,
-    openssl), e.g. require_tool("dciodvfy", "dicom3tools").
-
-    It is looked up on PATH without the virtual environment's bin folder (pynetdicom installs
-    a `storescu` of its own there, which `uv run` puts first), then in the sbin folders (Debian
-    puts Orthanc in /usr/sbin, often not on a user's PATH). When it is missing, the test is
-    skipped with the line that installs it; with optional=True, None is returned instead, for a
-    test with a fallback of its own. Under CI=true a missing program fails the test either way:
-    CI must install it (.ci/run does).
-    """
-    venv_bin = os.path.realpath(os.path.dirname(sys.executable))
-    folders = [p for p in os.environ.get("PATH", "").split(os.pathsep)
-               if p and os.path.realpath(p) != venv_bin]
-    folders += [p for p in ("/usr/local/sbin", "/usr/sbin", "/sbin") if p not in folders]
-    found = shutil.which(name, path=os.pathsep.join(folders))
-    if found:
-        return found
-    reason = f"{name} missing: apt-get install {package}"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (CI=true: .ci/run must install it)", pytrace=False)
-    if optional:
-        return None
-    pytest.skip(reason)
+from .harness import (
+    CRAFTED,
+    CXR,
+    DATA,
+    WG04_CR,
+    Mirror,
+    record_exported_graphs,
+    write_crafted,
+)
 
 
 def pytest_configure(config):
@@ -56,9 +32,14 @@ def pytest_configure(config):
         )
 
 
+# --- weights -------------------------------------------------------------------------------------
+
+
 @pytest.fixture(scope="session")
 def untrained_weights(tmp_path_factory):
-    """name -> a folder holding untrained weights for that model (written once per session)."""
+    """name -> a folder holding untrained weights for that model (written once per session).
+    The folder is shared by the whole session: tests that change what is in it use a copy
+    (weights_copy, ready_weights)."""
     from xrvd.pipeline.untrained import write_untrained_weights
 
     root = tmp_path_factory.mktemp("weights")
@@ -73,9 +54,35 @@ def untrained_weights(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session")
+def exported_weights(untrained_weights):
+    """name -> (folder, graph): the session's untrained weights for that model, with its ONNX
+    graph exported and verified against PyTorch once per session, by xrvd's own loading code
+    (Classifier.load exports what it does not find in the cache)."""
+    from xrvd.pipeline import onnxrt
+    from xrvd.pipeline.models import Classifier
+    from xrvd.pipeline.registry import get_spec
+
+    graphs: dict[str, Path] = {}
+
+    def exported(name: str) -> tuple[Path, Path]:
+        folder = untrained_weights(name)
+        if name not in graphs:
+            classifier = Classifier.load(name, folder, allow_untrained=True,
+                                         backend="onnxruntime")
+            cached = onnxrt.check_cache(get_spec(name), folder,
+                                        classifier.identity.weights_sha256)
+            assert cached.status == "verified", cached
+            graphs[name] = cached.path
+        return folder, graphs[name]
+
+    return exported
+
+
 @pytest.fixture
 def weights_copy(untrained_weights, tmp_path):
-    """A private, writable weights folder with untrained weights for the given model."""
+    """name -> a private, writable weights folder (<tmp_path>/weights) holding only the untrained
+    weights of that model: loading it exports the ONNX graph from scratch."""
 
     def copy(name: str) -> Path:
         from xrvd.pipeline.registry import get_spec
@@ -90,16 +97,62 @@ def weights_copy(untrained_weights, tmp_path):
 
 
 @pytest.fixture
+def ready_weights(exported_weights, tmp_path):
+    """name -> a private, writable weights folder (<tmp_path>/weights) holding the untrained
+    weights of that model and their ONNX graph as the session exported it, the graph recorded
+    in <tmp_path>/state (the state_dir harness.write_config configures) or the state_dir
+    given: a daemon or classifier on that state directory loads the verified graph from the
+    cache instead of exporting it again. The weights file itself is left unrecorded, trusted on
+    first use as a daemon's first start finds it."""
+
+    def copy(name: str, state_dir: Path | None = None) -> Path:
+        folder, graph = exported_weights(name)
+        sidecar = graph.with_name(graph.name + ".json")
+        weights_file = json.loads(sidecar.read_text())["weights_file"]
+        target = tmp_path / "weights"
+        target.mkdir(exist_ok=True)
+        for source in (folder / weights_file, graph, sidecar):
+            shutil.copy(source, target / source.name)
+        assert record_exported_graphs(target, state_dir or tmp_path / "state")
+        return target
+
+    return copy
+
+
+@pytest.fixture
+def mirror(tmp_path):
+    """A download mirror on a free loopback port: (its folder, its URL for the folder's v1/).
+    Files named in harness.Mirror.truncate are sent cut short (reset afterwards)."""
+    root = tmp_path / "mirror"
+    root.mkdir()
+
+    def handler(*args, **kwargs):
+        return Mirror(*args, directory=str(root), **kwargs)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+    Mirror.truncate = set()
+
+
+@pytest.fixture
 def allow_untrained(monkeypatch):
     from xrvd.pipeline.untrained import ALLOW_UNTRAINED_ENV
 
     monkeypatch.setenv(ALLOW_UNTRAINED_ENV, "yes-these-scores-are-meaningless")
 
 
+# --- events --------------------------------------------------------------------------------------
+
+
 @pytest.fixture
-def events():
-    """The structlog events logged during the test, at every level (a command run earlier may
-    have configured a higher one), as dicts (event name under "event")."""
+def every_event_level():
+    """Events at every level reach structlog's capture_logs, even after a command run earlier
+    in the session configured a higher level."""
     import logging
 
     import structlog
@@ -107,14 +160,32 @@ def events():
     saved = structlog.get_config()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
     try:
-        with structlog.testing.capture_logs() as captured:
-            yield captured
+        yield
     finally:
         structlog.configure(**saved)
 
 
-def reasons(captured: list[dict], name: str) -> list[str]:
-    return [e.get("reason") for e in captured if e.get("event") == name]
+@pytest.fixture
+def events(every_event_level):
+    """The structlog events logged during the test, at every level, as dicts (event name under
+    "event")."""
+    import structlog
+
+    with structlog.testing.capture_logs() as captured:
+        yield captured
+
+
+# --- the store and its SCP ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A Store on <tmp_path>/state, closed afterwards."""
+    from xrvd.store import Store
+
+    store = Store(tmp_path / "state")
+    yield store
+    store.close()
 
 
 @pytest.fixture
@@ -138,3 +209,16 @@ def listener(tmp_path):
     for scp in made:
         scp.stop(drain_seconds=1)
         scp.store.close()
+
+
+# --- crafted files -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def crafted(tmp_path_factory) -> dict[str, Path]:
+    """kind -> a copy of the WG04 CR with one malformed header of each kind in harness.CRAFTED
+    (written once per session; copy one before changing it)."""
+    folder = tmp_path_factory.mktemp("crafted")
+    for kind in CRAFTED:
+        write_crafted(kind, WG04_CR, folder / f"{kind}.dcm")
+    return {kind: folder / f"{kind}.dcm" for kind in CRAFTED}

@@ -1,13 +1,15 @@
+"""The configuration: embedded defaults, the documented example, and every kind of error
+named with its key and fix."""
+
 from pathlib import Path
 
 import pytest
 import yaml
 
-from xrvd.cli import main
 from xrvd.config import Config, load_config
 from xrvd.errors import ConfigError
 
-from .conftest import REPO
+from .harness import REPO
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -98,25 +100,6 @@ def test_weights_dir_defaults_under_the_state_dir(tmp_path):
     assert config.weights_dir == tmp_path / "s" / "models"
 
 
-def test_check_config_prints_errors_and_fails(tmp_path, capsys):
-    path = write(tmp_path, "model:\n  threshold: 1.7\n")
-    assert main(["check-config", str(path)]) == 2
-    err = capsys.readouterr().err
-    assert "model.threshold: must be between 0 and 1, got 1.7" in err
-    assert str(path) in err
-
-
-def test_check_config_prints_effective_config(tmp_path, capsys):
-    path = write(tmp_path, f"state_dir: {tmp_path}\nmodel:\n  threshold: 0.7\n")
-    assert main(["check-config", str(path)]) == 0
-    out = capsys.readouterr().out
-    effective = yaml.safe_load(out)
-    assert effective["model"]["threshold"] == 0.7
-    assert effective["model"]["weights_dir"] == str(tmp_path / "models")
-    assert effective["model"]["batch_size"] == 4  # a default, filled in
-    assert effective["convert"] == {"voi_lut": False, "modality_lut": False, "fit": "crop"}
-
-
 def test_destinations_are_validated(tmp_path):
     found = problems(tmp_path, (
         "destinations:\n  - name: pacs\n    ae_title: ABCDEFGHIJKLMNOPQ\n    host: h\n"
@@ -126,20 +109,6 @@ def test_destinations_are_validated(tmp_path):
     [message] = problems(tmp_path, "destinations:\n  - {name: a, ae_title: A, host: h, "
                                    "port: 104}\n  - {name: a, ae_title: B, host: h, port: 105}\n")
     assert "destination names must be unique" in message
-
-
-def test_worker_processes_auto_follows_the_cpus_the_service_may_use(tmp_path, monkeypatch):
-    from xrvd.commands import serve as daemon
-
-    assert load_config(None).service.worker_processes == "auto"
-    for cpus, expected in [(1, 0), (2, 2), (3, 3), (16, daemon.AUTO_WORKER_PROCESSES_AT_MOST)]:
-        monkeypatch.setattr(daemon, "available_cpus", lambda cpus=cpus: cpus)
-        assert daemon.worker_process_count("auto") == expected
-    assert daemon.worker_process_count(3) == 3
-    assert load_config(write(tmp_path, "service:\n  worker_processes: 0\n")) \
-        .service.worker_processes == 0
-    [problem] = problems(tmp_path, "service:\n  worker_processes: many\n")
-    assert problem == "service.worker_processes: must be auto or a whole number from 0 to 64, got 'many'"
 
 
 def test_storage_bounds_are_validated(tmp_path):

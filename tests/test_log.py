@@ -1,33 +1,22 @@
-"""Identifying values are hashed in every event (and kept out of the journal's transitions and
-the metrics) unless `log.include_patient_identifiers` is true: the processor itself, the salt
-kept in the state directory, and the three ways in (drop folder, back-fill, C-STORE) end to
-end, with a marker string in the patient's name, ID, accession number and file names."""
+"""Events are JSON lines, and identifying values are hashed in every one of them (and kept out
+of the journal's transitions) unless `log.include_patient_identifiers` is true: the processor
+itself and the salt kept in the state directory. The three ways in are checked end to end in
+tests/commands/test_serve.py (drop folder, C-STORE) and test_backfill.py."""
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import stat
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import structlog
-from pynetdicom import AE
 
 from xrvd import log
 from xrvd.store.core import transition_source
 
-from .conftest import NIH_SC, RSNA_JPEG, WG04_CR
-from .harness import DaemonProcess, copy_with_new_uids, write_config
-
-MODEL = "densenet121-res224-all"
-MARKER = "ZZMARKERZZ"
-IDENTIFIERS = dict(PatientName=f"DOE^{MARKER}", PatientID=f"{MARKER}123",
-                   AccessionNumber=f"A{MARKER}1", InstitutionName=f"{MARKER} HOSPITAL",
-                   ReferringPhysicianName=f"WHO^{MARKER}", PatientBirthDate="19700101")
+from .harness import MARKER
 
 
 @pytest.fixture
@@ -131,98 +120,24 @@ def test_the_salt_is_made_once_kept_private_and_never_written_by_readers(tmp_pat
     assert log.load_salt(not_a_folder) == log.process_salt()  # cannot write: process salt
 
 
-# --- end to end: nothing leaks by any way in --------------------------------------------
+def test_events_are_json_lines_without_patient_identifiers():
+    stream = io.StringIO()
+    log.configure("info", "json", stream=stream)
+    log.get_logger().info("instance.stored", patient_name="DOE^JANE", patient_id="123",
+                          sop_instance_uid="1.2.3")
+    event = json.loads(stream.getvalue())
+    assert event["event"] == "instance.stored"
+    assert event["patient_name"] == log.pseudonym("DOE^JANE", log.process_salt())
+    assert event["patient_id"] == log.pseudonym("123", log.process_salt())
+    assert event["sop_instance_uid"] == "1.2.3"
+    structlog.reset_defaults()
 
 
-def send(port: int, datasets) -> list[int]:
-    ae = AE(ae_title="XRVDTEST")
-    for ds in datasets:
-        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", port, ae_title="XRVD")
-    assert assoc.is_established
-    try:
-        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
-    finally:
-        assoc.release()
-
-
-def everything_logged(process: DaemonProcess) -> str:
-    return "\n".join(json.dumps(e) for e in process.events) + "\n" + process.stderr
-
-
-def journal_text(process: DaemonProcess) -> str:
-    return repr(process.journal("SELECT * FROM transitions")) + \
-        repr(process.journal("SELECT * FROM studies"))
-
-
-@pytest.mark.parametrize("include", [False, True], ids=["hashed", "included"])
-def test_drop_folder_and_cstore(tmp_path, weights_copy, include):
-    drop = tmp_path / "drop"
-    config = write_config(tmp_path, weights_copy(MODEL),
-                          watch={"enabled": True, "folder": str(drop), "stable_seconds": 120},
-                          service={"worker_processes": 0,
-                                   "metrics": {"enabled": True, "port": 0}},
-                          log={"level": "debug", "include_patient_identifiers": include})
-    xrvd = DaemonProcess(config, tmp_path / "state")
-    try:
-        xrvd.start()
-        sent = copy_with_new_uids(NIH_SC, tmp_path / "sent.dcm", **IDENTIFIERS)
-        assert send(xrvd.port, [sent]) == [0]
-
-        dropped = copy_with_new_uids(WG04_CR, tmp_path / "staged" / f"img_{MARKER}.dcm",
-                                     **IDENTIFIERS)
-        garbage = tmp_path / "staged" / f"notes_{MARKER}.txt"
-        garbage.write_text(f"not an image of {MARKER}\n")
-        for staged in (tmp_path / "staged").iterdir():  # complete an hour ago: taken at once
-            os.utime(staged, (time.time() - 3600, time.time() - 3600))
-        os.rename(tmp_path / "staged", drop / f"DOE_{MARKER}_12345")
-
-        xrvd.wait_for("instance.stored", sop_instance_uid=dropped.SOPInstanceUID)
-        xrvd.wait_for("file.rejected")
-        xrvd.wait_for("study.classified", study_instance_uid=sent.StudyInstanceUID)
-        xrvd.wait_for("study.classified", study_instance_uid=dropped.StudyInstanceUID)
-        port = xrvd.wait_for("metrics.listening")[0]["port"]
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
-        assert xrvd.terminate() == 0
-    finally:
-        xrvd.stop()
-
-    assert 'xrvd_instances_refused_total{reason="not_dicom"} 1.0' in metrics
-    assert MARKER not in metrics
-    assert MARKER not in journal_text(xrvd)
-    assert xrvd.journal("SELECT COUNT(*) FROM instances WHERE source LIKE ?",
-                        (f"watch:%{MARKER}%",)) == [(1,)]  # the journal's own record stays
-    logged = everything_logged(xrvd)
-    if include:
-        assert f"DOE_{MARKER}_12345/img_{MARKER}.dcm" in logged
-    else:
-        assert MARKER not in logged
-        [rejected] = xrvd.find("file.rejected")
-        assert rejected["file"].startswith("id:") and rejected["moved_to"].startswith("id:")
-
-
-@pytest.mark.parametrize("include", [False, True], ids=["hashed", "included"])
-def test_backfill(tmp_path, untrained_weights, include):
-    archive = tmp_path / "archive"
-    patient = archive / f"DOE_{MARKER}_12345"
-    copy_with_new_uids(RSNA_JPEG, patient / f"img_{MARKER}.dcm", **IDENTIFIERS)
-    copy_with_new_uids(NIH_SC, patient / f"lateral_{MARKER}.dcm", ViewPosition="LL",
-                       **IDENTIFIERS)
-    (patient / f"notes_{MARKER}.txt").write_text(f"not an image of {MARKER}\n")
-    (patient / f"empty_{MARKER}.dcm").write_bytes(b"")
-    config = write_config(tmp_path, untrained_weights(MODEL),
-                          output={"folder": str(tmp_path / "out")},
-                          log={"level": "debug", "include_patient_identifiers": include})
-    backfill = DaemonProcess(config, tmp_path / "state",
-                             ("backfill", str(archive), "--recursive", "--workers", "0"),
-                             ready=None).start()
-    assert backfill.wait(timeout=300) == 0, backfill.stderr[-3000:]
-    assert backfill.find("study.classified") and backfill.find("file.skipped")
-
-    assert MARKER not in journal_text(backfill)
-    logged = everything_logged(backfill)
-    if include:
-        assert str(patient / f"notes_{MARKER}.txt") in logged
-    else:
-        assert MARKER not in logged
-        assert all(e["file"].startswith("id:") for e in backfill.find("file.skipped"))
+def test_patient_identifiers_logged_only_when_config_allows():
+    stream = io.StringIO()
+    log.configure("info", "json", stream=stream, include_patient_identifiers=True)
+    log.get_logger().info("instance.stored", patient_name="DOE^JANE")
+    assert json.loads(stream.getvalue())["patient_name"] == "DOE^JANE"
+    log.get_logger().debug("hidden")
+    assert stream.getvalue().count("\n") == 1  # below the configured level
+    structlog.reset_defaults()

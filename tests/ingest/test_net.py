@@ -21,7 +21,7 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 
 from xrvd.store.records import content_digest
 
-from .conftest import WG04_CR, reasons, require_tool
+from ..harness import WG04_CR, reasons, require_tool
 
 A_ASSOCIATE_RQ, P_DATA_TF = 0x01, 0x04
 

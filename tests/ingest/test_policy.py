@@ -1,6 +1,6 @@
-"""Who may send: called and calling AE titles, addresses, AE titles bound to addresses, and
-DICOM over TLS with client certificates, tried with DCMTK's echoscu and storescu and with
-certificates made by openssl here."""
+"""Who may send: called and calling AE titles, addresses (allowed networks, also changed by a
+policy reload), AE titles bound to addresses, and DICOM over TLS with client certificates,
+tried with DCMTK's echoscu and storescu and with certificates made by openssl here."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
 
 from xrvd.config import ScpConfig, validate_config
 from xrvd.errors import ConfigError
 from xrvd.ingest.policy import PeerPolicy
 from xrvd.ingest.scp import StorageSCP
 
-from .conftest import NIH_SC, reasons, require_tool
+from ..harness import NIH_SC, journal_rows, reasons, require_tool
 
 
 def _run(tool: str, *args) -> subprocess.CompletedProcess:
@@ -52,6 +54,18 @@ def test_a_bound_ae_title_is_refused_from_another_address(listener, events):
     refused = _run(echoscu, "-aet", "PACS", "-aec", "XRVD", "127.0.0.1", scp.port)
     assert refused.returncode != 0
     assert reasons(events, "association.rejected") == ["peer_not_allowed"]
+
+
+def test_peer_outside_allowed_networks_is_rejected(listener):
+    scp = listener(allowed_peers=["10.0.0.0/8"])
+    ae = AE(ae_title="ANY")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="XRVD")
+    assert assoc.is_rejected
+    scp.apply_policy(ScpConfig(allowed_calling_aets=["*"], allowed_peers=["127.0.0.0/8"]))
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="XRVD")
+    assert assoc.is_established
+    assoc.release()
 
 
 def test_check_config_names_every_bad_address():
@@ -156,7 +170,7 @@ def test_tls_with_a_trusted_client_certificate_stores(listener, certificates, ev
     assert echoed.returncode == 0, echoed.stdout + echoed.stderr
     stored = _run(storescu, *args, "-aec", "XRVD", "127.0.0.1", scp.port, NIH_SC)
     assert stored.returncode == 0, stored.stdout + stored.stderr
-    assert scp.store.query("SELECT COUNT(*) FROM instances") == [(1,)]
+    assert journal_rows(scp.store.state_dir, "SELECT COUNT(*) FROM instances") == [(1,)]
     accepted = [e for e in events if e["event"] == "association.accepted"]
     assert [e.get("client_certificate") for e in accepted] == ["modality", "modality"]
 

@@ -1,3 +1,6 @@
+"""The registry (pipeline/registry.py): the nine supported models, their labels and settings
+as TorchXRayVision has them, and each architecture built from its weights file and run."""
+
 import math
 import os
 

@@ -1,5 +1,6 @@
-"""End to end with a real PACS: Orthanc (Debian package) on loopback, authentication on,
-sends the shared chest fixtures to xrvd, and gets the Structured Reports back."""
+"""`xrvd serve` end to end with a real PACS: Orthanc (Debian package) on loopback,
+authentication on, sends the shared chest fixtures to xrvd, and gets the Structured Reports
+back, also after it was down for a while."""
 
 from __future__ import annotations
 
@@ -15,9 +16,18 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from .conftest import CXR, NIH_SC, RSNA_JPEG, WG04_CR, require_tool
-from .harness import DaemonProcess, copy_with_new_uids, write_config
-from .test_daemon import MODEL, send
+from ..harness import (
+    MODEL,
+    NIH_SC,
+    REJECT,
+    RSNA_JPEG,
+    WG04_CR,
+    DaemonProcess,
+    copy_with_new_uids,
+    require_tool,
+    send,
+    write_config,
+)
 
 USER, PASSWORD = "xrvd", "s3cret-for-tests"
 
@@ -90,10 +100,10 @@ class Orthanc:
 
 
 @pytest.fixture
-def pacs_and_xrvd(tmp_path, weights_copy):
+def pacs_and_xrvd(tmp_path, ready_weights):
     orthanc = Orthanc(tmp_path)
     config = write_config(
-        tmp_path, weights_copy(MODEL),
+        tmp_path, ready_weights(MODEL),
         scp={"allowed_calling_aets": ["ORTHANC", "XRVDTEST"]},
         destinations=[{"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1",
                        "port": orthanc.dicom_port}],
@@ -108,7 +118,7 @@ def pacs_and_xrvd(tmp_path, weights_copy):
 
 def test_orthanc_sends_images_and_gets_reports_back(pacs_and_xrvd):
     orthanc, xrvd = pacs_and_xrvd
-    files = [WG04_CR, NIH_SC, RSNA_JPEG, *sorted((CXR.parent / "reject").glob("*.dcm"))]
+    files = [WG04_CR, NIH_SC, RSNA_JPEG, *sorted(REJECT.glob("*.dcm"))]
     ids = [orthanc.rest("POST", "/instances", f.read_bytes())["ID"] for f in files]
     orthanc.rest("POST", "/modalities/xrvd/store", {"Resources": ids, "Synchronous": True})
     chest = [pydicom.dcmread(f, stop_before_pixels=True) for f in (WG04_CR, NIH_SC, RSNA_JPEG)]

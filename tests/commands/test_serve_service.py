@@ -1,5 +1,6 @@
-"""Running as a service: sd_notify and the watchdog, SIGHUP reloads, status/retry/echo,
-metrics and health, the systemd unit."""
+"""`xrvd serve` running as a service: sd_notify and the watchdog, a stalled worker seen by
+/healthz, SIGHUP reloads, a disk below its reserve, spool retention. The unit file is checked
+in tests/test_systemd.py; status, retry and echo in test_ops.py."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import urllib.error
 import urllib.request
@@ -20,14 +19,7 @@ import yaml
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from xrvd.cli import main
-from xrvd.config import ScpConfig
-from xrvd.ingest.scp import StorageSCP
-from xrvd.store import Store
-
-from .conftest import NIH_SC, REPO, require_tool
-from .harness import DaemonProcess, copy_with_new_uids, write_config
-from .test_daemon import MODEL, send
+from ..harness import MODEL, NIH_SC, copy_with_new_uids, send
 
 
 class NotifySocket:
@@ -74,26 +66,10 @@ class NotifySocket:
         self.sock.close()
 
 
-@pytest.fixture
-def service(tmp_path, weights_copy):
-    weights = weights_copy(MODEL)
-    processes: list[DaemonProcess] = []
-
-    def start(env=None, **sections) -> DaemonProcess:
-        config = write_config(tmp_path, weights, **sections)
-        process = DaemonProcess(config, tmp_path / "state")
-        processes.append(process)
-        return process.start(env=env)
-
-    yield start
-    for process in processes:
-        process.stop()
-
-
-def test_notify_watchdog_stall_health_and_stop(service, tmp_path):
+def test_notify_watchdog_stall_health_and_stop(daemon, tmp_path):
     notify = NotifySocket(tmp_path)
     try:
-        xrvd = service(
+        xrvd = daemon(
             env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "600000"},
             study={"settle_seconds": 1},
             service={"worker_stall_seconds": 2, "status_seconds": 0.3, "drain_seconds": 1,
@@ -145,8 +121,8 @@ def test_notify_watchdog_stall_health_and_stop(service, tmp_path):
         notify.close()
 
 
-def test_sighup_reloads_allow_list_and_keeps_associations(service, tmp_path):
-    xrvd = service()
+def test_sighup_reloads_allow_list_and_keeps_associations(daemon, tmp_path):
+    xrvd = daemon()
     config_path = tmp_path / "xrvd.yaml"
     ae = AE(ae_title="NEWCALLER")
     ae.add_requested_context(Verification)
@@ -182,129 +158,11 @@ def test_sighup_reloads_allow_list_and_keeps_associations(service, tmp_path):
     assert xrvd.terminate() == 0
 
 
-def test_status_and_retry(tmp_path, capsys):
-    state = tmp_path / "state"
-    store = Store(state)
-    copy_with_new_uids(NIH_SC, tmp_path / "a.dcm")
-    store.store_file(tmp_path / "a.dcm", source="test", move=False)
-    [claim] = store.claim_ready_studies(0, MODEL, "w", 10)
-    store.fail_attempt(claim, "OSError: output folder not writable", 1, 0)
-    store.close()
-    config = tmp_path / "xrvd.yaml"
-    config.write_text(f"state_dir: {state}\n")
-
-    assert main(["status", "-c", str(config)]) == 0
-    text = capsys.readouterr().out
-    assert "1 failed" in text and "output folder not writable" in text and "xrvd retry" in text
-    assert main(["status", "-c", str(config), "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["studies"] == {"failed": 1}
-    assert report["failed_studies"][0]["study_instance_uid"] == claim.study_uid
-    assert report["model"] == MODEL
-
-    assert main(["retry", "-c", str(config), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"requeued_studies": 1}
-    assert main(["status", "-c", str(config), "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["studies"] == {"receiving": 1} and report["queue_depth"] == 1
-
-
-def test_status_without_a_journal_says_what_to_check(tmp_path, capsys):
-    config = tmp_path / "xrvd.yaml"
-    config.write_text(f"state_dir: {tmp_path / 'nothing'}\n")
-    assert main(["status", "-c", str(config)]) == 2
-    assert "no journal" in capsys.readouterr().err
-
-
-def test_echo_against_a_real_peer(tmp_path, capsys):
-    from xrvd import log
-
-    log.configure("info", "console", stream="stderr")  # the peer's events stay off stdout
-    store = Store(tmp_path / "state")
-    scp = StorageSCP(ScpConfig(port=0, allowed_calling_aets=["XRVD-ECHO", "XRVD"]), store)
-    port = scp.start()
-    config = tmp_path / "xrvd.yaml"
-    config.write_text(f"state_dir: {tmp_path / 'state'}\nscp:\n  port: {port}\n"
-                      f"destinations:\n  - name: pacs\n    ae_title: XRVD\n"
-                      f"    host: 127.0.0.1\n    port: {port}\n")
-    try:
-        assert main(["echo", "pacs", "-c", str(config), "--json"]) == 0
-        result = json.loads(capsys.readouterr().out)
-        assert result["ok"] and result["status"] == "0x0000" and result["port"] == port
-        assert main(["echo", "nowhere", "-c", str(config)]) == 2
-        assert "no destination named 'nowhere' (known: pacs)" in capsys.readouterr().err
-        assert main(["echo", "-c", str(config)]) == 0
-        assert "success" in capsys.readouterr().out
-        assert main(["echo", "-c", str(config), "--calling-aet", "STRANGER", "--json"]) == 1
-        result = json.loads(capsys.readouterr().out)
-        assert result["ok"] is False and "rejected" in result["error"]
-    finally:
-        scp.stop()
-        store.close()
-    assert main(["echo", "--host", "127.0.0.1", "--port", str(port), "--timeout", "5"]) == 1
-    assert "no association" in capsys.readouterr().out
-
-
-def test_systemd_unit_verifies(tmp_path):
-    analyze = require_tool("systemd-analyze", "systemd")
-    unit = (REPO / "systemd" / "xrvd.service").read_text()
-    xrvd = Path(sys.executable).with_name("xrvd")
-    assert xrvd.exists()
-    local = tmp_path / "xrvd.service"
-    local.write_text(unit.replace("/opt/xrvd/.venv/bin/xrvd", str(xrvd)))
-    done = subprocess.run([analyze, "verify", str(local)], capture_output=True, text=True,
-                          timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert "xrvd.service" not in done.stderr  # no warnings about our unit
-    for needed in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "NoNewPrivileges=yes",
-                   "ProtectSystem=strict", "StateDirectory=xrvd", "ExecReload=",
-                   "SystemCallFilter=@system-service", "RestrictAddressFamilies=",
-                   "ReadOnlyPaths=-/var/lib/xrvd/models",
-                   "MemoryHigh=", "MemoryMax=", "TasksMax=", "PrivateUsers=yes",
-                   "ProtectProc=invisible", "RemoveIPC=yes"):
-        assert needed in unit
-    # In this order (an allow list, then taken from it, then given back). What is given back is
-    # what strace showed xrvd serve calling (see the unit's comment); more needs the same evidence.
-    filters = [line for line in unit.splitlines() if line.startswith("SystemCallFilter=")]
-    assert filters == ["SystemCallFilter=@system-service",
-                       "SystemCallFilter=~@privileged @resources",
-                       "SystemCallFilter=sched_setaffinity mbind setpriority"]
-    settings = dict(line.split("=", 1) for line in unit.splitlines()
-                    if "=" in line and not line.startswith("#"))
-    size = {"K": 2**10, "M": 2**20, "G": 2**30}
-    high, top = (int(settings[k][:-1]) * size[settings[k][-1]] for k in ("MemoryHigh", "MemoryMax"))
-    assert 2**30 < high < top  # throttled before it is killed, above the measured footprint
-    assert 100 <= int(settings["TasksMax"]) <= 4096
-
-
-def test_systemd_unit_exposure(tmp_path):
-    """systemd's own score of the unit's sandbox stays at or below 1.9, its score before
-    PrivateUsers, ProtectProc, RemoveIPC and the @privileged/@resources filter (1.4 with them);
-    0 is a unit with every setting, 10 one with none. Printed, to see it move."""
-    analyze = require_tool("systemd-analyze", "systemd")
-    version = subprocess.run([analyze, "--version"], capture_output=True, text=True, timeout=60)
-    if int(version.stdout.split()[1]) < 250:
-        pytest.skip(f"systemd-analyze security --offline needs systemd 250: {version.stdout}")
-    unit = (REPO / "systemd" / "xrvd.service").read_text()
-    local = tmp_path / "xrvd.service"
-    local.write_text(unit.replace("/opt/xrvd/.venv/bin/xrvd",
-                                  str(Path(sys.executable).with_name("xrvd"))))
-    done = subprocess.run([analyze, "security", "--offline=true", "--no-pager", str(local)],
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    overall = [line for line in done.stdout.splitlines()
-               if "Overall exposure level for xrvd.service:" in line]
-    assert len(overall) == 1, done.stdout + done.stderr
-    score = float(overall[0].split("xrvd.service:")[1].split()[0])
-    print(f"systemd-analyze security --offline=true systemd/xrvd.service: exposure {score}")
-    assert score <= 1.9, done.stdout
-
-
-def test_low_disk_refuses_reports_health_and_resumes_on_reload(service, tmp_path):
+def test_low_disk_refuses_reports_health_and_resumes_on_reload(daemon, tmp_path):
     """A reserve larger than the disk: C-STORE answers A700 before anything is written, a
     disk.low event and /healthz say why, the watchdog keeps being pinged (a restart would not
     help); a reload with a reserve that fits makes it receive again, by itself."""
-    xrvd = service(storage={"min_free_mb": 2**40},
+    xrvd = daemon(storage={"min_free_mb": 2**40},
                    service={"status_seconds": 0.2, "metrics": {"enabled": True, "port": 0}})
     low = xrvd.wait_for("disk.low")[0]
     assert "storage.min_free_mb" in low["detail"]
@@ -332,10 +190,10 @@ def test_low_disk_refuses_reports_health_and_resumes_on_reload(service, tmp_path
     assert xrvd.terminate() == 0
 
 
-def test_spool_files_go_once_the_study_is_reported(service):
+def test_spool_files_go_once_the_study_is_reported(daemon):
     """keep_spool none: once the study is classified (no destinations), its received file is
     deleted from the spool, and `xrvd status` counts none."""
-    xrvd = service(storage={"keep_spool": "none"}, service={"status_seconds": 0.2})
+    xrvd = daemon(storage={"keep_spool": "none"}, service={"status_seconds": 0.2})
     assert send(xrvd.port, [pydicom.dcmread(NIH_SC)]) == [0]
     xrvd.wait_for("study.classified")
     purged = xrvd.wait_for("spool.purged")[0]

@@ -1,11 +1,10 @@
-"""Reports delivered by C-STORE to destinations: a real pynetdicom peer stands in for the
-PACS; one that is down, one that refuses SR, our own SR coming back, a lateral + frontal
-study."""
+"""`xrvd serve` delivering its reports by C-STORE to destinations: a real pynetdicom peer stands
+in for the PACS; one that is down, one that answers with a warning, one that refuses SR.
+Sending itself (TLS) is tested in tests/test_deliver.py."""
 
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
 
 import pydicom
@@ -16,9 +15,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from xrvd.cli import main
 from xrvd.report.build import read_findings
 
-from .conftest import NIH_SC, WG04_CR, require_tool
-from .harness import copy_with_new_uids
-from .test_daemon import daemon, results, send  # noqa: F401 - the daemon fixture
+from ..harness import NIH_SC, copy_with_new_uids, send
 
 SR_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.22"}
 
@@ -77,7 +74,7 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_reports_reach_every_destination_once_despite_one_down(daemon, pacs, tmp_path,  # noqa: F811
+def test_reports_reach_every_destination_once_despite_one_down(daemon, pacs, tmp_path,
                                                                capsys):
     up, enhanced = pacs(), pacs()
     down = closed_port()
@@ -110,7 +107,7 @@ def test_reports_reach_every_destination_once_despite_one_down(daemon, pacs, tmp
     assert status["down"]["failed"] == 2 and status["down"]["last_error"]
 
 
-def test_warning_status_counts_as_stored(daemon, pacs, tmp_path):  # noqa: F811
+def test_warning_status_counts_as_stored(daemon, pacs, tmp_path):
     coerced = pacs(status=0xB000)  # "coercion of data elements": stored, with changes
     xrvd = daemon(destinations=[{"name": "coercing", "ae_title": "PACS",
                                  "host": "127.0.0.1", "port": coerced.port}],
@@ -121,7 +118,7 @@ def test_warning_status_counts_as_stored(daemon, pacs, tmp_path):  # noqa: F811
     assert len(coerced.received) == 1 and not xrvd.find("report.send_failed")
 
 
-def test_destination_refusing_sr_is_marked_failed(daemon, pacs, tmp_path):  # noqa: F811
+def test_destination_refusing_sr_is_marked_failed(daemon, pacs, tmp_path):
     picky = pacs(accept_sr=False)
     xrvd = daemon(destinations=[{"name": "picky", "ae_title": "PACS", "host": "127.0.0.1",
                                  "port": picky.port}],
@@ -130,83 +127,3 @@ def test_destination_refusing_sr_is_marked_failed(daemon, pacs, tmp_path):  # no
     failed = xrvd.wait_for("report.send_failed", final=True)[0]
     assert "does not accept" in failed["detail"]
     assert picky.received == []
-
-
-def test_own_report_coming_back_is_skipped(daemon, tmp_path):  # noqa: F811
-    xrvd = daemon()
-    assert send(xrvd.port, [pydicom.dcmread(NIH_SC)]) == [0]
-    xrvd.wait_for("report.written")
-    [report_path] = results(xrvd.state_dir)
-    report = pydicom.dcmread(report_path)
-    assert send(xrvd.port, [report]) == [0]  # a PACS forwarding everything back to us
-    skipped = xrvd.wait_for("instance.skipped", sop_instance_uid=report.SOPInstanceUID)[0]
-    assert skipped["reason"] == "own_output"
-    # and as an Enhanced SR too: recognised whatever its SOP class
-    report.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.22"
-    report.file_meta.MediaStorageSOPClassUID = report.SOPClassUID
-    report.SOPInstanceUID = report.file_meta.MediaStorageSOPInstanceUID = \
-        pydicom.uid.generate_uid()
-    assert send(xrvd.port, [report]) == [0]
-    again = xrvd.wait_for("instance.skipped", sop_instance_uid=report.SOPInstanceUID)[0]
-    assert again["reason"] == "own_output"
-    assert len(results(xrvd.state_dir)) == 1
-
-
-def test_only_the_frontal_image_of_a_study_is_reported(daemon, tmp_path):  # noqa: F811
-    xrvd = daemon()
-    study = pydicom.uid.generate_uid()
-    frontal = copy_with_new_uids(WG04_CR, tmp_path / "pa.dcm", study_uid=study)
-    lateral = copy_with_new_uids(WG04_CR, tmp_path / "ll.dcm", study_uid=study,
-                                 ViewPosition="LL")
-    assert send(xrvd.port, [frontal, lateral]) == [0, 0]
-    xrvd.wait_for("study.classified", study_instance_uid=study)
-    [report_path] = results(xrvd.state_dir)
-    assert set(read_findings(pydicom.dcmread(report_path))) == {frontal.SOPInstanceUID}
-    skipped = xrvd.find("instance.skipped", sop_instance_uid=lateral.SOPInstanceUID)
-    assert skipped[0]["reason"] == "lateral_view"
-
-
-def test_delivery_over_tls(tmp_path):
-    """A TLS peer with a certificate for 127.0.0.1: the report is sent when the CA is
-    trusted, and refused when it is not."""
-    import ssl
-
-    from xrvd.config import Destination
-    from xrvd.deliver import send_report
-    from xrvd.report.build import build_report
-
-    from .test_report import identity, scores_for
-
-    openssl = require_tool("openssl", "openssl")
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_context.load_cert_chain(str(cert), str(key))
-    received = []
-    ae = AE(ae_title="PACS")
-    ae.add_supported_context("1.2.840.10008.5.1.4.1.1.88.34")
-    server = ae.start_server(("127.0.0.1", 0), block=False, ssl_context=server_context,
-                             evt_handlers=[(evt.EVT_C_STORE,
-                                            lambda e: received.append(e.dataset) or 0)])
-    try:
-        source = pydicom.dcmread(NIH_SC, stop_before_pixels=True)
-        report = build_report([source], scores_for([source], "densenet121-res224-nih"),
-                              identity("densenet121-res224-nih"), 0.5)
-        path = tmp_path / "sr.dcm"
-        report.save_as(path, enforce_file_format=True)
-        peer = {"name": "tls", "ae_title": "PACS", "host": "127.0.0.1",
-                "port": server.server_address[1]}
-        stored, detail = send_report(str(path), Destination(**peer, tls={"ca_file": cert}), 10)
-        assert stored, detail
-        assert [ds.SOPInstanceUID for ds in received] == [report.SOPInstanceUID]
-        other_ca = tmp_path / "other.pem"
-        subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days",
-                        "1", "-subj", "/CN=other", "-keyout", str(tmp_path / "k2.pem"),
-                        "-out", str(other_ca)], check=True, capture_output=True)
-        stored, detail = send_report(str(path), Destination(**peer, tls={"ca_file": other_ca}),
-                                     10)
-        assert not stored and len(received) == 1
-    finally:
-        server.shutdown()

@@ -1,5 +1,7 @@
-"""The C-STORE SCP's answer when an instance cannot be taken: out of resources for that
-instance (the association goes on), nothing half written, and storing resumes by itself."""
+"""The C-STORE SCP's answer when an instance cannot be taken (the store fails, a write fails,
+the instance is over its size limit, the disk is below its reserve or fills up): out of
+resources for that instance (the association goes on), nothing half written, and storing
+resumes by itself."""
 
 from __future__ import annotations
 
@@ -15,8 +17,7 @@ from xrvd.config import ScpConfig
 from xrvd.fsutil import DiskReserve
 from xrvd.store import Store, StoreError
 
-from .conftest import WG04_CR, reasons
-from .harness import scp_association
+from ..harness import WG04_CR, journal_rows, reasons, scp_association
 
 OUT_OF_RESOURCES = 0xA700
 
@@ -71,7 +72,7 @@ def test_scp_refuses_an_instance_it_cannot_write_and_keeps_the_association(tmp_p
             assert assoc.is_established
             assert _leftovers(store) == []
             assert assoc.send_c_store(ds).Status == 0x0000  # the sender's retry is taken
-            assert store.query("SELECT COUNT(*) FROM instances") == [(1,)]
+            assert journal_rows(store.state_dir, "SELECT COUNT(*) FROM instances") == [(1,)]
     finally:
         signal.signal(signal.SIGXFSZ, previous)
 
@@ -85,24 +86,8 @@ def test_an_instance_over_the_size_limit_is_cut_off_while_it_arrives(tmp_path, e
         assert assoc.send_c_store(ds).Status == OUT_OF_RESOURCES
         assert assoc.is_established
         assert _leftovers(store) == []
-        assert store.query("SELECT COUNT(*) FROM instances") == [(0,)]
+        assert journal_rows(store.state_dir, "SELECT COUNT(*) FROM instances") == [(0,)]
     assert reasons(events, "instance.refused") == ["too_large"]
-
-
-def test_incoming_file_stops_writing_at_the_limit(tmp_path):
-    from xrvd.ingest.incoming import Incoming
-
-    incoming = Incoming(tmp_path, max_bytes=1000)
-    file = incoming.open()
-    file.write(b"x" * 600)
-    file.flush()
-    assert Path(file.name).stat().st_size == 600
-    file.write(b"x" * 600)  # past the limit: the file is gone at once
-    assert not Path(file.name).exists()
-    file.write(b"x" * 600)  # the rest of the data set is read and dropped
-    file.close()
-    assert incoming.take_refusal(file.name).reason == "too_large"
-    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.fixture
@@ -141,13 +126,13 @@ def test_low_disk_refuses_before_writing_and_resumes_when_space_returns(small_di
         assert refused.Status == OUT_OF_RESOURCES
         assert "disk space" in refused.ErrorComment
         assert _leftovers(store) == []
-        assert store.query("SELECT COUNT(*) FROM instances") == [(0,)]
+        assert journal_rows(store.state_dir, "SELECT COUNT(*) FROM instances") == [(0,)]
         if mounted:
             ballast.unlink()
         else:
             state["free"] = 100 * 2**20
         assert assoc.send_c_store(ds).Status == 0x0000  # space is back: stored
-        assert store.query("SELECT COUNT(*) FROM instances") == [(1,)]
+        assert journal_rows(store.state_dir, "SELECT COUNT(*) FROM instances") == [(1,)]
     assert reasons(events, "instance.refused") == ["disk_low"]
 
 

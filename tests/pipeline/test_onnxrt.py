@@ -1,6 +1,8 @@
-"""The ONNX Runtime backend: same scores as PyTorch for every model, a cache that is rebuilt
-when the weights or the exporter change and never trusted when damaged, a fallback to torch
-that says why, `xrvd models export`, and thread counts that respect affinity and cgroups."""
+"""The ONNX Runtime backend (pipeline/onnxrt.py): same scores as PyTorch for every model, a
+cache that is rebuilt when the weights or the exporter change and never trusted when damaged
+or not recorded, a fallback to torch that says why, and a cached graph that runs without
+torch. Each test here exports from scratch into a folder of its own (weights_copy); the other
+tests load graphs exported once per session (ready_weights)."""
 
 from __future__ import annotations
 
@@ -14,17 +16,17 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
-from xrvd.cli import main
 from xrvd.errors import ImageError
-from xrvd.pipeline import models as models_module
 from xrvd.pipeline import onnxrt
 from xrvd.pipeline.convert import prepare_file
-from xrvd.cpus import available_cpus
 from xrvd.pipeline.models import Classifier
 from xrvd.pipeline.registry import MODELS, get_spec
 from xrvd.pipeline.untrained import ALLOW_UNTRAINED_ENV
 
-from .conftest import CXR, REPO
+from ..harness import CXR, REPO
+
+# Info events reach capture_logs even after a CLI call configured logging at warning.
+pytestmark = pytest.mark.usefixtures("every_event_level")
 
 DENSENET = "densenet121-res224-rsna"  # the quickest to export
 
@@ -46,19 +48,6 @@ def fixture_inputs():
         return batches[resolution]
 
     return inputs
-
-
-@pytest.fixture(autouse=True)
-def every_event_level():
-    """Info events reach capture_logs even after a CLI call configured logging at warning."""
-    import logging
-
-    import structlog
-
-    saved = structlog.get_config()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
-    yield
-    structlog.configure(**saved)
 
 
 def events(logs: list[dict], name: str) -> list[dict]:
@@ -307,110 +296,3 @@ def test_untrained_weights_refuse_to_run_from_a_cached_graph(weights_copy, monke
     monkeypatch.delenv(ALLOW_UNTRAINED_ENV, raising=False)
     with pytest.raises(UntrainedWeightsError, match="UNTRAINED"):
         Classifier.load(DENSENET, folder)
-
-
-def test_backend_torch_and_the_config(weights_copy, allow_untrained, tmp_path):
-    from xrvd.config import load_config
-
-    folder = weights_copy(DENSENET)
-    config = tmp_path / "xrvd.yaml"
-    config.write_text(f"state_dir: {tmp_path / 'state'}\nmodel:\n  name: {DENSENET}\n"
-                      f"  weights_dir: {folder}\n  backend: torch\n  threads: 1\n")
-    classifier = Classifier.from_config(load_config(config))
-    assert classifier.backend == "torch"
-    assert graphs(folder) == []  # torch never exports
-    assert load_config(None).model.backend == "auto"
-
-
-def test_models_export_command(weights_copy, allow_untrained, tmp_path, capsys):
-    from xrvd.config import load_config
-
-    folder = weights_copy(DENSENET)
-    config = tmp_path / "xrvd.yaml"
-    config.write_text(f"state_dir: {tmp_path / 'state'}\nmodel:\n  weights_dir: {folder}\n")
-    assert main(["models", "export", DENSENET, "-c", str(config)]) == 0
-    out, err = capsys.readouterr()
-    path = out.strip()
-    assert path.endswith(".onnx") and os.path.dirname(path) == str(folder)
-    assert "verified against PyTorch" in err
-    record = json.loads(open(path + ".json").read())
-    assert record["verified"] is True and record["max_abs_diff"] <= 1e-4
-    assert record["weights_sha256"] == hashlib.sha256(
-        (folder / get_spec(DENSENET).weights_file).read_bytes()).hexdigest()
-    written = os.stat(path).st_mtime_ns, os.stat(path + ".json").st_mtime_ns
-    assert main(["models", "export", DENSENET, "-c", str(config)]) == 0  # found, not rebuilt
-    assert capsys.readouterr().out.strip() == path
-    assert (os.stat(path).st_mtime_ns, os.stat(path + ".json").st_mtime_ns) == written
-    assert main(["models", "export", DENSENET, "--force", "-c", str(config)]) == 0
-    assert capsys.readouterr().out.strip() == path
-    assert os.stat(path + ".json").st_mtime_ns != written[1]
-    # The daemon's way in finds it too: the command recorded it in the state directory.
-    from xrvd.pipeline.weights import TrustedHashes
-
-    assert onnxrt.check_cache(get_spec(DENSENET), folder, record["weights_sha256"],
-                              trusted=TrustedHashes(tmp_path / "state")).status == "verified"
-    classifier = Classifier.from_config(load_config(config), name=DENSENET)
-    assert classifier.backend == "onnxruntime"
-
-    empty = tmp_path / "empty.yaml"
-    empty.write_text(f"state_dir: {tmp_path / 'other'}\n")
-    assert main(["models", "export", DENSENET, "-c", str(empty)]) == 2
-    err = capsys.readouterr().err
-    assert "not found" in err and f"xrvd models fetch {DENSENET}" in err
-
-
-# --- threads -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def four_cpus(monkeypatch):
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-
-
-def fake_root(tmp_path, cgroup_line: str, files: dict[str, str]):
-    (tmp_path / "proc/self").mkdir(parents=True)
-    (tmp_path / "proc/self/cgroup").write_text(cgroup_line + "\n")
-    for name, text in files.items():
-        target = tmp_path / "sys/fs/cgroup" / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text)
-    return tmp_path
-
-
-def test_threads_follow_cpu_affinity(four_cpus, tmp_path):
-    root = fake_root(tmp_path, "0::/system.slice/xrvd.service",
-                     {"system.slice/xrvd.service/cpu.max": "max 100000\n"})
-    assert available_cpus(root) == 4
-    assert available_cpus(tmp_path / "no-proc-here") == 4
-
-
-@pytest.mark.parametrize(("files", "expected"), [
-    ({"system.slice/xrvd.service/cpu.max": "200000 100000\n"}, 2),
-    ({"system.slice/xrvd.service/cpu.max": "150000 100000\n"}, 1),  # rounded down
-    ({"system.slice/xrvd.service/cpu.max": "50000 100000\n"}, 1),   # never 0
-    ({"system.slice/xrvd.service/cpu.max": "max 100000\n",           # a parent's quota counts
-      "system.slice/cpu.max": "300000 100000\n"}, 3),
-    ({"cpu.max": "200000 100000\n"}, 2),  # a container: only the mount's root is visible
-    ({"system.slice/xrvd.service/cpu.max": "800000 100000\n"}, 4),  # affinity is lower
-])
-def test_threads_follow_the_cgroup_v2_quota(four_cpus, tmp_path, files, expected):
-    root = fake_root(tmp_path, "0::/system.slice/xrvd.service", files)
-    assert available_cpus(root) == expected
-
-
-def test_threads_follow_the_cgroup_v1_quota(four_cpus, tmp_path):
-    root = fake_root(tmp_path, "4:cpu,cpuacct:/docker/abc\n3:memory:/docker/abc", {
-        "cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "250000\n",
-        "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n",
-    })
-    assert available_cpus(root) == 2
-    (root / "sys/fs/cgroup/cpu,cpuacct/docker/abc/cpu.cfs_quota_us").write_text("-1\n")
-    assert available_cpus(root) == 4
-
-
-def test_threads_zero_means_the_available_cpus(weights_copy, allow_untrained, monkeypatch):
-    monkeypatch.setattr(models_module, "available_cpus", lambda: 1)
-    folder = weights_copy(DENSENET)
-    with capture_logs() as logs:
-        Classifier.load(DENSENET, folder)
-    assert events(logs, "model.backend")[0]["threads"] == 1

@@ -3,37 +3,13 @@ storage.keep_spool says, and nothing about duplicates or reports changes because
 
 from __future__ import annotations
 
-import json
 import os
 
-import pytest
-
-from xrvd.config import validate_config
-from xrvd.commands.ops import status
 from xrvd.store import Store
 from xrvd.store.archive import ArchiveFile
 from xrvd.store.records import read_header
 
-from .conftest import NIH_SC, WG04_CR
-from .harness import copy_with_new_uids
-
-
-@pytest.fixture
-def store(tmp_path):
-    store = Store(tmp_path / "state")
-    yield store
-    store.close()
-
-
-def _finished_study(store: Store, tmp_path, *, destinations=(), fixture=NIH_SC):
-    """A study of one received instance, classified, with a report for `destinations`."""
-    source = tmp_path / f"in-{len(list(tmp_path.glob('in-*')))}.dcm"
-    copy_with_new_uids(fixture, source)
-    outcome = store.store_file(source, source="test", move=False)
-    [claim] = store.claim_ready_studies(0, "m", "w", 10)
-    store.finish_run(claim, {outcome.instance_id: {"Pneumonia": 0.1}}, tmp_path / "sr.dcm",
-                     destinations)
-    return source, outcome
+from ..harness import NIH_SC, WG04_CR, copy_with_new_uids, finished_study, journal_rows
 
 
 def _spool_files(store: Store):
@@ -41,29 +17,30 @@ def _spool_files(store: Store):
 
 
 def test_a_finished_study_loses_its_files_and_a_resend_stays_a_duplicate(store, tmp_path):
-    source, outcome = _finished_study(store, tmp_path)
+    source, outcome = finished_study(store, tmp_path)
     assert store.spool_usage()[0] == 1
     files, freed = store.purge_spool("failed")
     assert (files, freed) == (1, os.path.getsize(source))
     assert _spool_files(store) == [] and store.spool_usage() == (0, 0)
     again = store.store_file(source, source="test", move=False)
     assert again.status == "duplicate"  # recognised from the hash kept in the journal
-    assert store.query("SELECT state, generation FROM studies") == [("classified", 0)]
+    assert journal_rows(store.state_dir, "SELECT state, generation FROM studies") == [
+        ("classified", 0)]
     assert store.purge_spool("failed") == (0, 0)
 
 
 def test_files_stay_until_every_report_is_delivered(store, tmp_path):
-    _finished_study(store, tmp_path, destinations=["pacs"])
+    finished_study(store, tmp_path, destinations=["pacs"])
     assert store.purge_spool("none") == (0, 0)
-    [(delivery_id,)] = store.query("SELECT id FROM deliveries")
+    [(delivery_id,)] = journal_rows(store.state_dir, "SELECT id FROM deliveries")
     store.delivery_done(delivery_id, "sent")
     assert store.purge_spool("none")[0] == 1
 
 
 def test_failed_studies_and_failed_deliveries_are_kept_unless_keep_spool_is_none(store,
                                                                                 tmp_path):
-    _finished_study(store, tmp_path, destinations=["pacs"])
-    [(delivery_id,)] = store.query("SELECT id FROM deliveries")
+    finished_study(store, tmp_path, destinations=["pacs"])
+    [(delivery_id,)] = journal_rows(store.state_dir, "SELECT id FROM deliveries")
     store.delivery_done(delivery_id, "failed", "PACS down")
     copy_with_new_uids(WG04_CR, tmp_path / "failing.dcm")
     store.store_file(tmp_path / "failing.dcm", source="test", move=False)
@@ -74,7 +51,7 @@ def test_failed_studies_and_failed_deliveries_are_kept_unless_keep_spool_is_none
 
 
 def test_days_keep_files_of_recently_finished_studies(store, tmp_path):
-    _finished_study(store, tmp_path)
+    finished_study(store, tmp_path)
     assert store.purge_spool("days", keep_days=1) == (0, 0)
     assert store.purge_spool("days", keep_days=0)[0] == 1
 
@@ -95,19 +72,10 @@ def test_studies_in_progress_and_archive_files_are_never_deleted(store, tmp_path
 
 
 def test_a_late_image_is_classified_without_the_purged_ones(store, tmp_path):
-    source, first = _finished_study(store, tmp_path)
+    source, first = finished_study(store, tmp_path)
     store.purge_spool("failed")
     late = tmp_path / "late.dcm"
     copy_with_new_uids(NIH_SC, late, study_uid=first.study_uid)
     second = store.store_file(late, source="test", move=False)
     [claim] = store.claim_ready_studies(0, "m", "w", 10)
     assert [row.id for row in store.study_instances(claim.study_id)] == [second.instance_id]
-
-
-def test_status_shows_the_spool_and_free_space(store, tmp_path):
-    _finished_study(store, tmp_path)
-    config = validate_config({"state_dir": str(store.state_dir)})
-    report = json.loads(status(config, as_json=True))
-    assert report["spool"]["files"] == 1 and report["spool"]["bytes"] > 0
-    assert report["spool"]["free_bytes"] > 0
-    assert "spool:     1 files" in status(config, as_json=False)

@@ -1,17 +1,15 @@
-"""The Structured Report: valid (dciodvfy), and read back into the same findings."""
+"""The Structured Report built with highdicom (report/build.py): valid (dciodvfy), read back
+into the same findings, the same instance for the same run and a rerun naming its predecessor,
+a code for every label, untrained weights named; result file names never come from unsafe UIDs
+(report/files.py)."""
 
 from __future__ import annotations
 
 import dataclasses
-import subprocess
 
-import numpy as np
 import pydicom
 import pytest
 
-from xrvd.report import build as report
-from xrvd.pipeline.models import ModelIdentity
-from xrvd.pipeline.registry import get_spec
 from xrvd.report.build import (
     FINDING_CODES,
     PRIVATE_SCHEME,
@@ -19,30 +17,12 @@ from xrvd.report.build import (
     read_findings,
     report_uid,
 )
-from xrvd.report.template import comparable
+from xrvd.report.files import safe_name
 
-from .conftest import NIH_SC, RSNA_JPEG, WG04_CR, require_tool
+from ..harness import NIH_SC, RSNA_JPEG, WG04_CR, dciodvfy_errors, scores_for
+from ..harness import report_identity as identity
 
 SOURCES = [WG04_CR, NIH_SC, RSNA_JPEG]
-
-
-def identity(model: str) -> ModelIdentity:
-    spec = get_spec(model)
-    return ModelIdentity(spec.name, spec.architecture, spec.weights_file, "ab" * 32, "1.5.7",
-                         False)
-
-
-def scores_for(sources, model, seed=0):
-    rng = np.random.default_rng(seed)
-    return {str(ds.SOPInstanceUID): {label: float(rng.uniform())
-                                     for label in get_spec(model).label_names}
-            for ds in sources}
-
-
-def dciodvfy_errors(path) -> list[str]:
-    dciodvfy = require_tool("dciodvfy", "dicom3tools")
-    done = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=60)
-    return [line for line in (done.stdout + done.stderr).splitlines() if "Error" in line]
 
 
 @pytest.mark.parametrize("flavour", ["comprehensive3d", "enhanced"])
@@ -91,28 +71,6 @@ def test_report_is_valid_and_reads_back(model, flavour, tmp_path):
     assert dciodvfy_errors(path) == []  # last: skipped where dicom3tools is not installed
 
 
-@pytest.mark.parametrize("flavour", ["comprehensive3d", "enhanced"])
-@pytest.mark.parametrize("model", ["densenet121-res224-all", "jfhealthcare-densenet121-res512"])
-@pytest.mark.parametrize("images", [1, 3])
-def test_templates_give_the_report_highdicom_builds(model, flavour, images):
-    """The fast path (document and groups filled in from templates) against building all of
-    it with highdicom: element for element the same document, for untrained weights too, for
-    other thresholds and Present/Absent both ways."""
-    sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in SOURCES[:images]]
-    for ds in sources[1:]:
-        ds.StudyInstanceUID = sources[0].StudyInstanceUID
-    scores = scores_for(sources, model, seed=images)
-    for untrained, threshold in ((False, 0.5), (True, 0.3)):
-        who = dataclasses.replace(identity(model), untrained=untrained)
-        fast = build_report(sources, scores, who, threshold, flavour=flavour, generation=2)
-        slow = build_report(sources, scores, who, threshold, flavour=flavour, generation=2,
-                            templates=False)
-        assert report._document_template(report._Settings(  # the template passed its check
-            who, threshold, flavour, 9901, fast.SeriesDescription)) is not None
-        assert comparable(fast) == comparable(slow)
-        assert read_findings(fast) == read_findings(slow)  # also in memory, not written
-
-
 def test_same_run_gives_the_same_instance_and_a_rerun_names_its_predecessor(tmp_path):
     sources = [pydicom.dcmread(NIH_SC, stop_before_pixels=True)]
     model = "densenet121-res224-nih"
@@ -146,3 +104,10 @@ def test_untrained_weights_are_named_in_the_report():
     untrained = dataclasses.replace(identity(model), untrained=True)
     sr = build_report(sources, scores_for(sources, model), untrained, 0.5)
     assert sr.SeriesDescription.startswith("UNTRAINED TEST")
+
+
+def test_result_names_never_come_from_unsafe_uids():
+    assert safe_name("1.2.840.10008.1") == "1.2.840.10008.1"
+    for hostile in ("../../etc/passwd", "1.2/3", "", "1." * 40):
+        name = safe_name(hostile)
+        assert "/" not in name and ".." not in name and name.startswith("x")

@@ -1,12 +1,12 @@
-"""`xrvd backfill` and `xrvd export` on a real folder tree: resumable after SIGKILL, exactly one
-classification per image and one report per study, also when only the output folder
-remembers the reports."""
+"""`xrvd backfill` on a real folder tree (and `xrvd export` of what it found): resumable after
+SIGKILL, exactly one classification per image and one report per study, also when only the
+output folder remembers the reports; dry runs, DICOMDIR media, crafted files journaled with
+their reason; identifying values kept out of its events and journal."""
 
 from __future__ import annotations
 
 import csv
 import json
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -14,12 +14,30 @@ from pydicom.fileset import FileSet
 from pydicom.uid import generate_uid
 
 from xrvd.cli import main
+from xrvd.errors import EXIT_OK
 from xrvd.fsutil import StateDirLock
 
-from .conftest import CXR, NIH_SC, REJECT, RSNA_JPEG, TINY_CR, WG04_CR
-from .harness import DaemonProcess, copy_with_new_uids, write_config
+from ..harness import (
+    CRAFTED,
+    CXR,
+    IDENTIFIERS,
+    MARKER,
+    MODEL,
+    NIH_SC,
+    REJECT,
+    RSNA_JPEG,
+    TINY_CR,
+    WG04_CR,
+    DaemonProcess,
+    copy_with_new_uids,
+    everything_logged,
+    journal_rows,
+    journal_text,
+    record_exported_graphs,
+    write_config,
+    write_crafted,
+)
 
-MODEL = "densenet121-res224-all"
 FRONTAL = [WG04_CR, NIH_SC, RSNA_JPEG]
 
 
@@ -63,13 +81,13 @@ def scored_runs(daemon: DaemonProcess) -> dict[str, int]:
         "JOIN instances i ON i.id = s.instance_id GROUP BY i.sop_uid"))
 
 
-def test_backfill_survives_sigkill_and_never_reports_twice(tmp_path, untrained_weights):
+def test_backfill_survives_sigkill_and_never_reports_twice(tmp_path, ready_weights):
     archive = tmp_path / "archive"
     expected_sops, expected_studies = build_archive(archive, copies=4)
     output = tmp_path / "out"
-    config = write_config(tmp_path, untrained_weights(MODEL), output={"folder": str(output)},
-                          model={"name": MODEL, "weights_dir": str(untrained_weights(MODEL)),
-                                 "batch_size": 2})
+    weights = ready_weights(MODEL)
+    config = write_config(tmp_path, weights, output={"folder": str(output)},
+                          model={"name": MODEL, "weights_dir": str(weights), "batch_size": 2})
     command = ("backfill", str(archive), "--recursive", "--workers", "1")
 
     first = DaemonProcess(config, tmp_path / "state", command, ready=None).start()
@@ -114,6 +132,8 @@ def test_backfill_survives_sigkill_and_never_reports_twice(tmp_path, untrained_w
     # The journal is lost; the output folder still holds the reports: none is written again.
     written = {path: path.stat().st_mtime_ns for files in reports.values() for path in files}
     (tmp_path / "state").rename(tmp_path / "state-lost")
+    # (the ONNX graph recorded again, as `xrvd models export` would: not exported in the run)
+    record_exported_graphs(weights, tmp_path / "state")
     third = DaemonProcess(config, tmp_path / "state", command, ready=None).start()
     assert third.wait(timeout=300) == 0, third.stderr[-3000:]
     assert len(third.find("study.already_reported")) == len(expected_studies)
@@ -161,7 +181,7 @@ def test_dry_run_limit_counts_what_the_run_would_take(tmp_path, untrained_weight
         str(archive / "image0.dcm"), str(archive / "image1.dcm")]
 
 
-def test_dicomdir_media_and_limit(tmp_path, untrained_weights, allow_untrained, capsys):
+def test_dicomdir_media_and_limit(tmp_path, ready_weights, allow_untrained, capsys):
     staging = tmp_path / "staging"
     media = tmp_path / "media"
     fileset = FileSet()
@@ -175,7 +195,7 @@ def test_dicomdir_media_and_limit(tmp_path, untrained_weights, allow_untrained, 
         sops.append(ds.SOPInstanceUID)
     fileset.write(media)
     assert (media / "DICOMDIR").is_file()
-    config = write_config(tmp_path, untrained_weights(MODEL),
+    config = write_config(tmp_path, ready_weights(MODEL),
                           output={"folder": str(tmp_path / "out")})
 
     # Not recursive: the DICOMDIR leads to the files in its sub-folders.
@@ -184,18 +204,16 @@ def test_dicomdir_media_and_limit(tmp_path, untrained_weights, allow_untrained, 
     summary = capsys.readouterr()
     assert "images classified" in summary.out + summary.err
     assert '"study.classified"' in summary.out  # info events, as the config's log.level says
-    db_path = tmp_path / "state" / "journal.sqlite3"
-    with sqlite3.connect(db_path) as db:
-        journaled = [row[0] for row in db.execute("SELECT sop_uid FROM instances")]
-        classified = db.execute("SELECT COUNT(DISTINCT instance_id) FROM scores").fetchone()[0]
+    state = tmp_path / "state"
+    journaled = [uid for (uid,) in journal_rows(state, "SELECT sop_uid FROM instances")]
+    [(classified,)] = journal_rows(state, "SELECT COUNT(DISTINCT instance_id) FROM scores")
     assert sorted(journaled) == sorted(sops[:2])  # --limit 2: the CT was not taken yet
     assert classified == 2
 
     assert main(["backfill", "-c", str(config), "--workers", "0", "--log-level", "warning",
                  str(media / "DICOMDIR")]) == 0
     assert '"study.classified"' not in capsys.readouterr().out  # --log-level wins
-    with sqlite3.connect(db_path) as db:
-        reasons = dict(db.execute("SELECT sop_uid, reason FROM instances"))
+    reasons = dict(journal_rows(state, "SELECT sop_uid, reason FROM instances"))
     assert reasons[sops[2]] == "modality"
 
     out = tmp_path / "results.jsonl"
@@ -230,8 +248,77 @@ def test_backfill_reports_paths_that_do_not_exist(tmp_path, untrained_weights, c
     assert "no such file or folder" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
-def test_export_without_a_journal_says_what_to_run(tmp_path, untrained_weights, capsys, fmt):
-    config = write_config(tmp_path, untrained_weights(MODEL))
-    assert main(["export", "-c", str(config), "--format", fmt, str(tmp_path / "x")]) == 2
-    assert "xrvd backfill" in capsys.readouterr().err
+def test_backfill_journals_crafted_files_with_their_reason_and_goes_on(
+        tmp_path, ready_weights, allow_untrained, capsys):
+    archive = tmp_path / "archive"
+    study = generate_uid()
+    good = copy_with_new_uids(WG04_CR, archive / "study" / "good.dcm", study_uid=study)
+    paths = {kind: archive / "study" / f"{kind}.dcm" for kind in CRAFTED}
+    sops = {kind: write_crafted(kind, WG04_CR, path, study_uid=study).SOPInstanceUID
+            for kind, path in paths.items()}
+    output = tmp_path / "out"
+    config = str(write_config(tmp_path, ready_weights(MODEL),
+                              output={"folder": str(output)}))
+    command = ["backfill", "-c", config, "--workers", "0", "--recursive", str(archive)]
+
+    assert main([*command, "--dry-run"]) == EXIT_OK
+    verdicts = {line.split()[2]: line.split()[:2] for line in capsys.readouterr().out.splitlines()
+                if line.startswith(("classify ", "skip "))}
+    assert verdicts[str(archive / "study" / "good.dcm")] == ["classify", "-"]
+    assert all(verdicts[str(path)] == ["skip", "invalid_header"] for path in paths.values())
+
+    # Skipped inputs are not failures: as for files that are not DICOM, the run is done.
+    assert main(command) == EXIT_OK
+    first = _events(capsys.readouterr().out, "backfill.finished")[0]
+    assert first["classified"] == 1 and first["skipped"] == {"invalid_header": len(CRAFTED)}
+    state = tmp_path / "state"
+    [(outcome, reason)] = journal_rows(state, "SELECT outcome, reason FROM archive_files "
+                                       "WHERE path = ?", (str(paths["deep_nesting"]),))
+    instances = dict(journal_rows(state, "SELECT sop_uid, reason FROM instances"))
+    scored = [uid for (uid,) in journal_rows(
+        state, "SELECT DISTINCT i.sop_uid FROM scores s JOIN instances i ON i.id = s.instance_id")]
+    assert outcome == "invalid_header" and reason.startswith("invalid_header: ")
+    sops.pop("deep_nesting")  # never journaled as an instance: its header has no UIDs to read
+    assert instances == {good.SOPInstanceUID: None,
+                         **{sop: "invalid_header" for sop in sops.values()}}
+    assert scored == [good.SOPInstanceUID]
+    assert len(list(output.rglob("*.dcm"))) == 1  # the study's report, for the good image
+
+    assert main(command) == EXIT_OK  # the rerun passes over every file, the crafted ones too
+    again = _events(capsys.readouterr().out, "backfill.finished")[0]
+    assert again["seen_before"] == len(CRAFTED) + 1 and again.get("classified", 0) == 0
+
+
+def _events(stdout: str, name: str) -> list[dict]:
+    events = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    return [event for event in events if event.get("event") == name]
+
+
+@pytest.mark.parametrize("include", [False, True], ids=["hashed", "included"])
+def test_identifiers_stay_out_of_events_and_journal(tmp_path, ready_weights, include):
+    """A folder named after the patient with an image, a lateral, a text file and an empty
+    file: the marker reaches no event or journal transition unless
+    log.include_patient_identifiers is true."""
+    archive = tmp_path / "archive"
+    patient = archive / f"DOE_{MARKER}_12345"
+    copy_with_new_uids(RSNA_JPEG, patient / f"img_{MARKER}.dcm", **IDENTIFIERS)
+    copy_with_new_uids(NIH_SC, patient / f"lateral_{MARKER}.dcm", ViewPosition="LL",
+                       **IDENTIFIERS)
+    (patient / f"notes_{MARKER}.txt").write_text(f"not an image of {MARKER}\n")
+    (patient / f"empty_{MARKER}.dcm").write_bytes(b"")
+    config = write_config(tmp_path, ready_weights(MODEL),
+                          output={"folder": str(tmp_path / "out")},
+                          log={"level": "debug", "include_patient_identifiers": include})
+    backfill = DaemonProcess(config, tmp_path / "state",
+                             ("backfill", str(archive), "--recursive", "--workers", "0"),
+                             ready=None).start()
+    assert backfill.wait(timeout=300) == 0, backfill.stderr[-3000:]
+    assert backfill.find("study.classified") and backfill.find("file.skipped")
+
+    assert MARKER not in journal_text(backfill)
+    logged = everything_logged(backfill)
+    if include:
+        assert str(patient / f"notes_{MARKER}.txt") in logged
+    else:
+        assert MARKER not in logged
+        assert all(e["file"].startswith("id:") for e in backfill.find("file.skipped"))

@@ -1,3 +1,7 @@
+"""`xrvd classify`: files in, scores out (table, JSON, CSV), every label of the model strongest
+first, untrained output marked; files that cannot be classified, crafted ones too, get their
+reason and the rest is classified."""
+
 import csv
 import io
 import json
@@ -6,11 +10,10 @@ import numpy as np
 import pytest
 
 from xrvd.cli import main
+from xrvd.errors import EXIT_PARTIAL
 from xrvd.pipeline.registry import get_spec
 
-from .conftest import NIH_SC, PNGS, REJECT, RSNA_JPEG, WG04_CR
-
-MODEL = "densenet121-res224-all"
+from ..harness import CRAFTED, MODEL, NIH_SC, PNGS, REJECT, RSNA_JPEG, WG04_CR
 FILES = [WG04_CR, NIH_SC, RSNA_JPEG, PNGS[0]]
 
 
@@ -137,36 +140,28 @@ def test_bad_threshold_is_a_usage_error(capsys):
     assert "must be between 0 and 1, got 1.7" in capsys.readouterr().err
 
 
-def test_demo_without_network_runs_untrained_and_says_so(tmp_path, capsys, monkeypatch):
-    from xrvd.pipeline.untrained import ALLOW_UNTRAINED_ENV
+def test_classify_gives_each_crafted_file_its_reason_and_classifies_the_rest(
+        crafted, tmp_path, untrained_weights, allow_untrained, capsys):
+    missing = tmp_path / "missing.dcm"
+    files = [NIH_SC, *(crafted[kind] for kind in CRAFTED), missing, WG04_CR]
 
-    monkeypatch.delenv(ALLOW_UNTRAINED_ENV, raising=False)
-    config = tmp_path / "xrvd.yaml"
-    # Nothing listens on loopback port 9: the download fails at once, as offline.
-    config.write_text(f"state_dir: {tmp_path}\nmodel:\n  download_url: http://127.0.0.1:9\n")
-    assert main(["demo", "-c", str(config)]) == 0
-    captured = capsys.readouterr()
-    assert "The real weights are not available here" in captured.err
-    assert "NOT A DIAGNOSIS" in captured.err
-    assert "rsna_cr_chest_jpeg_baseline.dcm" in captured.out
-    assert "n/a (untrained)" in captured.out and "POSITIVE" not in captured.out
-    assert not (tmp_path / "models" / get_spec(MODEL).weights_file).exists()
+    def run(fmt: str) -> tuple[int, str, str]:
+        code = main(["classify", *map(str, files), "--format", fmt, "--weights-dir",
+                     str(untrained_weights(MODEL))])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
 
+    code, out, err = run("json")
+    assert code == EXIT_PARTIAL
+    assert f"{len(CRAFTED) + 1} of {len(files)} file(s) could not be classified" in err
+    results = json.loads(out)["results"]
+    assert [r["file"] for r in results] == [str(f) for f in files]
+    assert [r.get("error", {}).get("reason") for r in results] == [
+        None, *["invalid_header"] * len(CRAFTED), "unreadable", None]
+    assert len(results[0]["findings"]) == 18 and len(results[-1]["findings"]) == 18
+    assert not any("findings" in r for r in results[1:-1])
 
-def test_demo_with_weights_present_uses_them(untrained_weights, tmp_path, capsys):
-    """With weights in place the demo classifies with them (and never falls back)."""
-    import torch
-
-    from xrvd.pipeline.weights import UNTRAINED_MARKER
-
-    spec = get_spec(MODEL)
-    network = torch.load(untrained_weights(MODEL) / spec.weights_file, weights_only=False)
-    delattr(network, UNTRAINED_MARKER)
-    (tmp_path / "models").mkdir()
-    torch.save(network, tmp_path / "models" / spec.weights_file)
-    config = tmp_path / "xrvd.yaml"
-    config.write_text(f"state_dir: {tmp_path}\n")
-    assert main(["demo", "-c", str(config)]) == 0
-    captured = capsys.readouterr()
-    assert "not available" not in captured.err
-    assert "Finding" in captured.out and "untrained" not in captured.out
+    code, out, _ = run("table")
+    assert code == EXIT_PARTIAL
+    assert out.count("NOT CLASSIFIED (invalid_header)") == len(CRAFTED)
+    assert f"{WG04_CR}\n  model {MODEL}" in out
