@@ -99,13 +99,14 @@ def weights_copy(untrained_weights, tmp_path):
 @pytest.fixture
 def ready_weights(exported_weights, tmp_path):
     """name -> a private, writable weights folder (<tmp_path>/weights) holding the untrained
-    weights of that model and their ONNX graph as the session exported it, the graph recorded
-    in <tmp_path>/state (the state_dir harness.write_config configures) or the state_dir
-    given: a daemon or classifier on that state directory loads the verified graph from the
-    cache instead of exporting it again. The weights file itself is left unrecorded, trusted on
-    first use as a daemon's first start finds it."""
+    weights of that model and their ONNX graph as the session exported it. The graph is
+    recorded in <tmp_path>/state (the state_dir harness.write_config configures) or the
+    state_dir given, so that a daemon or classifier on that state directory loads the verified
+    graph from the cache instead of exporting it again; recorded=False records nothing (a load
+    without a state directory uses the cache as it is). The weights file itself is left
+    unrecorded, trusted on first use as a daemon's first start finds it."""
 
-    def copy(name: str, state_dir: Path | None = None) -> Path:
+    def copy(name: str, state_dir: Path | None = None, *, recorded: bool = True) -> Path:
         folder, graph = exported_weights(name)
         sidecar = graph.with_name(graph.name + ".json")
         weights_file = json.loads(sidecar.read_text())["weights_file"]
@@ -113,7 +114,8 @@ def ready_weights(exported_weights, tmp_path):
         target.mkdir(exist_ok=True)
         for source in (folder / weights_file, graph, sidecar):
             shutil.copy(source, target / source.name)
-        assert record_exported_graphs(target, state_dir or tmp_path / "state")
+        if recorded:
+            assert record_exported_graphs(target, state_dir or tmp_path / "state")
         return target
 
     return copy

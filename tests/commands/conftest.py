@@ -20,7 +20,10 @@ def daemon(tmp_path, ready_weights):
         config = write_config(tmp_path, weights, **sections)
         process = DaemonProcess(config, tmp_path / "state")
         started.append(process)
-        return process.start(env=env)
+        process.start(env=env)
+        assert process.find("model.backend", source="cache"), \
+            "the daemon did not load the graph ready_weights prepared: it exported it again"
+        return process
 
     yield make
     for process in started:

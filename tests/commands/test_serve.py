@@ -34,6 +34,7 @@ from ..harness import (
     RSNA_JPEG,
     TINY_CR,
     WG04_CR,
+    DaemonProcess,
     copy_with_new_uids,
     dciodvfy_errors,
     everything_logged,
@@ -361,6 +362,29 @@ def _assert_once_per_study(xrvd):
             "SELECT i.sop_uid FROM instances i JOIN studies s ON s.id = i.study_id "
             "WHERE s.study_uid = ? AND i.state != 'superseded'", (study_uid,))
         assert sorted(images) == sorted(uid for (uid,) in expected)
+
+
+def test_first_start_exports_the_graph_and_the_next_takes_it_from_the_cache(tmp_path,
+                                                                           weights_copy):
+    """From weights alone (the other daemon tests start with the graph exported once per
+    session): the first start exports the ONNX graph, checks it against PyTorch and records
+    it in the state directory; a restart loads it from the cache."""
+    config = write_config(tmp_path, weights_copy(MODEL))
+    xrvd = DaemonProcess(config, tmp_path / "state")
+    try:
+        xrvd.start()
+        [exported] = xrvd.find("model.exported")
+        assert exported["verified"] is True
+        assert [e["source"] for e in xrvd.find("model.backend")] == ["exported"]
+        assert send(xrvd.port, [pydicom.dcmread(NIH_SC)]) == [0]
+        xrvd.wait_for("study.classified")
+        assert xrvd.terminate() == 0
+        xrvd.start()
+        assert [e["source"] for e in xrvd.find("model.backend")] == ["cache"]
+        assert not xrvd.find("model.exported")
+        assert xrvd.terminate() == 0
+    finally:
+        xrvd.stop()
 
 
 def test_serve_without_weights_says_what_to_do(tmp_path):

@@ -37,9 +37,9 @@ def test_backend_torch_and_the_config(weights_copy, allow_untrained, tmp_path):
     assert load_config(None).model.backend == "auto"
 
 
-def test_threads_zero_means_the_available_cpus(weights_copy, allow_untrained, monkeypatch):
+def test_threads_zero_means_the_available_cpus(ready_weights, allow_untrained, monkeypatch):
     monkeypatch.setattr(models_module, "available_cpus", lambda: 1)
-    folder = weights_copy(DENSENET)
+    folder = ready_weights(DENSENET, recorded=False)
     with capture_logs() as logs:
         Classifier.load(DENSENET, folder)
     assert events(logs, "model.backend")[0]["threads"] == 1

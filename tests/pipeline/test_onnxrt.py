@@ -78,9 +78,9 @@ def test_every_model_scores_the_same_on_both_backends(name, untrained_weights, f
     assert np.ptp(expected, axis=0).max() > 1e-3
 
 
-def test_a_cached_graph_loads_without_torch(weights_copy, allow_untrained):
-    folder = weights_copy(DENSENET)
-    assert Classifier.load(DENSENET, folder).backend == "onnxruntime"  # exports
+def test_a_cached_graph_loads_without_torch(ready_weights, allow_untrained):
+    folder = ready_weights(DENSENET, recorded=False)  # the graph exported once per session
+    assert Classifier.load(DENSENET, folder).backend == "onnxruntime"
     probe = (
         "import sys\n"
         "import numpy as np\n"
@@ -170,9 +170,9 @@ def _sidecar_missing(graph, sidecar):
     _truncate, _garbage_of_the_same_size, _garbage_with_a_matching_sidecar, _garbage_sidecar,
     _graph_missing, _sidecar_missing,
 ], ids=lambda f: f.__name__.strip("_"))
-def test_a_damaged_cache_is_rebuilt_never_trusted(damage, weights_copy, allow_untrained,
+def test_a_damaged_cache_is_rebuilt_never_trusted(damage, ready_weights, allow_untrained,
                                                   fixture_inputs):
-    folder = weights_copy(DENSENET)
+    folder = ready_weights(DENSENET, recorded=False)  # the graph exported once per session
     first = Classifier.load(DENSENET, folder)
     graph = folder / next(n for n in graphs(folder) if n.endswith(".onnx"))
     sidecar = graph.with_name(graph.name + ".json")
@@ -198,7 +198,7 @@ def _config_with_state(tmp_path, folder):
 
 
 def test_a_graph_changed_after_export_is_rebuilt_even_with_a_matching_sidecar(
-        weights_copy, allow_untrained, tmp_path, fixture_inputs):
+        ready_weights, allow_untrained, tmp_path, fixture_inputs):
     """The sidecar sits beside the graph: whoever can write one can write both. Only the
     record in the state directory tells the exported graph from another one."""
     import torch
@@ -207,9 +207,9 @@ def test_a_graph_changed_after_export_is_rebuilt_even_with_a_matching_sidecar(
     from xrvd.pipeline import weights
 
     spec = get_spec(DENSENET)
-    folder = weights_copy(DENSENET)
+    folder = ready_weights(DENSENET)  # exported once per session, recorded in the state dir
     config = _config_with_state(tmp_path, folder)
-    first = Classifier.from_config(load_config(config))  # exports and records the graph
+    first = Classifier.from_config(load_config(config))
     graph = folder / next(n for n in graphs(folder) if n.endswith(".onnx"))
     sidecar = graph.with_name(graph.name + ".json")
     intact = graph.read_bytes()
@@ -235,12 +235,12 @@ def test_a_graph_changed_after_export_is_rebuilt_even_with_a_matching_sidecar(
     assert np.array_equal(rebuilt.predict(batch), first.predict(batch))
 
 
-def test_a_graph_exported_without_a_record_is_rebuilt_once(weights_copy, allow_untrained,
+def test_a_graph_exported_without_a_record_is_rebuilt_once(ready_weights, allow_untrained,
                                                            tmp_path):
     from xrvd.config import load_config
 
-    folder = weights_copy(DENSENET)
-    assert Classifier.load(DENSENET, folder).backend == "onnxruntime"  # no state dir
+    folder = ready_weights(DENSENET, recorded=False)  # exported with no state dir
+    assert Classifier.load(DENSENET, folder).backend == "onnxruntime"
     config = _config_with_state(tmp_path, folder)
     with capture_logs() as logs:
         Classifier.from_config(load_config(config))
@@ -288,10 +288,10 @@ def test_a_graph_that_differs_from_torch_is_refused(weights_copy, allow_untraine
     assert events(logs, "model.exported") == []
 
 
-def test_untrained_weights_refuse_to_run_from_a_cached_graph(weights_copy, monkeypatch):
+def test_untrained_weights_refuse_to_run_from_a_cached_graph(ready_weights, monkeypatch):
     from xrvd.errors import UntrainedWeightsError
 
-    folder = weights_copy(DENSENET)
+    folder = ready_weights(DENSENET, recorded=False)
     assert Classifier.load(DENSENET, folder, allow_untrained=True).backend == "onnxruntime"
     monkeypatch.delenv(ALLOW_UNTRAINED_ENV, raising=False)
     with pytest.raises(UntrainedWeightsError, match="UNTRAINED"):

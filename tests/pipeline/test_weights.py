@@ -78,7 +78,8 @@ def test_import_verifies_and_installs(name, untrained_weights, tmp_path):
     assert installed == target / get_spec(name).weights_file
     assert installed.read_bytes() == carried.read_bytes()
     assert [p.name for p in target.iterdir()] == [installed.name]  # no staging left
-    classifier = Classifier.load(name, target)
+    # Loaded on torch: exporting a graph is tested in test_onnxrt.py, and takes long at 512 px.
+    classifier = Classifier.load(name, target, backend="torch")
     assert not classifier.identity.untrained
     assert classifier.identity.weights_sha256 == trust.sha256(carried)
 
@@ -113,7 +114,7 @@ def test_load_downloads_when_config_allows(mirror, untrained_weights, tmp_path):
     (root / "v1").mkdir()
     strip_marker(DENSENET, untrained_weights(DENSENET), root / "v1")
     classifier = Classifier.load(DENSENET, tmp_path / "w", allow_download=True,
-                                 download_url=url)
+                                 download_url=url, backend="torch")  # (no graph to export)
     assert (tmp_path / "w" / get_spec(DENSENET).weights_file).is_file()
     assert classifier.labels == get_spec(DENSENET).label_names
 
