@@ -1,8 +1,10 @@
 """`xrvd serve` end to end, as a real subprocess: DCMTK storescu and pynetdicom send to it,
-files are dropped into its folder, crafted headers come in by C-STORE, identifying values stay
-out of its events, metrics and journal transitions, and it is killed with SIGKILL part-way;
-the worker process count it chooses. Its destinations are in test_serve_delivery.py, running
-as a service in test_serve_service.py, a real PACS in test_serve_orthanc.py."""
+files are dropped into its folder, crafted headers and its own reports come in by C-STORE,
+only the frontal image of a study is reported, identifying values stay out of its events,
+metrics and journal transitions, it is killed with SIGKILL part-way, and its first start
+exports the ONNX graph; the worker process count it chooses. Its destinations are in
+test_serve_delivery.py, running as a service in test_serve_service.py, a real PACS in
+test_serve_orthanc.py."""
 
 from __future__ import annotations
 

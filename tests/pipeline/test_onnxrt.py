@@ -1,8 +1,9 @@
 """The ONNX Runtime backend (pipeline/onnxrt.py): same scores as PyTorch for every model, a
 cache that is rebuilt when the weights or the exporter change and never trusted when damaged
 or not recorded, a fallback to torch that says why, and a cached graph that runs without
-torch. Each test here exports from scratch into a folder of its own (weights_copy); the other
-tests load graphs exported once per session (ready_weights)."""
+torch. A test about exporting starts from weights alone, in a folder of its own
+(weights_copy); one that needs a cache to damage, forge or load starts from a copy of the
+graph exported once per session (ready_weights)."""
 
 from __future__ import annotations
 
