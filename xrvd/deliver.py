@@ -2,40 +2,27 @@
 
 One thread per destination, so a destination that is down (and its timeouts) never holds up
 another, nor classification. State lives in the journal; warning statuses (0xB000, 0xB006,
-0xB007) count as success, as the standard says they mean "stored".
+0xB007) count as success, as the standard says they mean "stored". The threads share the
+reports they read (report.files.EncodedReports): each file is read once, not once per
+destination and attempt.
 """
 
 from __future__ import annotations
 
-import io
 import ssl
 import threading
 import time
 
-import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from . import metrics
 from .config import Config, Destination
 from .log import get_logger
-from .report.build import stable_uid
+from .report.files import EncodedReport, EncodedReports
 from .store import Store
 
 SUCCESS_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
-ENHANCED_SR = "1.2.840.10008.5.1.4.1.1.88.22"
-COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
-
-
-def as_flavour(report: pydicom.Dataset, flavour: str) -> pydicom.Dataset:
-    """Our reports hold no 3D coordinates, so the same content is a valid Enhanced SR: only
-    the SOP class and (derived, stable) instance UID change."""
-    if flavour == "enhanced" and report.SOPClassUID == COMPREHENSIVE_3D_SR:
-        report.SOPInstanceUID = stable_uid("enhanced", str(report.SOPInstanceUID))
-        report.SOPClassUID = ENHANCED_SR
-        report.file_meta.MediaStorageSOPClassUID = ENHANCED_SR
-        report.file_meta.MediaStorageSOPInstanceUID = report.SOPInstanceUID
-    return report
 
 
 def tls_arguments(destination: Destination):
@@ -49,9 +36,13 @@ def tls_arguments(destination: Destination):
     return context, destination.host if tls.check_hostname else None
 
 
-def send_report(path: str, destination: Destination, timeout: float) -> tuple[bool, str]:
-    """One C-STORE of one report: (stored, what happened)."""
-    report = as_flavour(pydicom.dcmread(path), destination.sr_flavour)
+def send_report(path: str, destination: Destination, timeout: float,
+                reports: EncodedReports | None = None) -> tuple[bool, str]:
+    """One C-STORE of one report in the destination's SR flavour: (stored, what happened).
+    reports: the reports read for sending so far (the file is read there once, for every
+    destination and attempt); without it the file is read for this send alone."""
+    encoded = reports.get(path) if reports is not None else EncodedReport(path)
+    report = encoded.dataset(destination.sr_flavour)
     ae = AE(ae_title=destination.calling_aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
@@ -70,10 +61,7 @@ def send_report(path: str, destination: Destination, timeout: float) -> tuple[bo
     try:
         if not assoc.accepted_contexts:
             return False, f"the destination does not accept {report.SOPClassUID.name}"
-        buffer = io.BytesIO()
-        report.save_as(buffer, enforce_file_format=True)
-        buffer.seek(0)
-        status = assoc.send_c_store(pydicom.dcmread(buffer))
+        status = assoc.send_c_store(report)
     finally:
         if assoc.is_established:
             assoc.release()
@@ -94,6 +82,7 @@ class Deliverer:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: dict[str, threading.Thread] = {}
+        self.reports = EncodedReports()  # shared by the destinations' threads
 
     def start(self) -> None:
         for destination in self.config.destinations:
@@ -157,7 +146,8 @@ class Deliverer:
         policy = self.config.delivery
         started = time.perf_counter()
         try:
-            stored, detail = send_report(path, destination, policy.timeout_seconds)
+            stored, detail = send_report(path, destination, policy.timeout_seconds,
+                                         self.reports)
         except Exception as exc:  # noqa: BLE001 - a broken file or peer is one failure
             stored, detail = False, f"{type(exc).__name__}: {exc}"
         fields = dict(destination=destination.name, report=path, attempt=attempts + 1,

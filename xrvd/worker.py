@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,18 +26,26 @@ import pydicom
 
 from . import metrics
 from .config import Config
+from .events import (
+    ImageFailed,
+    ImagesAdopted,
+    ImagesClassified,
+    ImageSkipped,
+    Listener,
+    StudyFailed,
+    ignore,
+)
 from .log import get_logger, redact_text
 from .pipeline.convert import ConvertOptions
 from .pipeline.models import Classifier
-from .pipeline.prepare import PrepareJob, Prepared, prepare_instance
-from .report.build import FINDING_CODES, read_findings
+from .pipeline.prepare import Prepared, PrepareJob, prepare_instance
 from .pipeline.select import SelectRules
 from .report.files import (
     OutputSettings,
     ReportJob,
     ReportWritten,
-    report_stem,
-    safe_name,
+    UnreadableReport,
+    find_existing_report,
     write_report,
 )
 from .store import InstanceRow, Store, StudyClaim
@@ -86,25 +93,14 @@ def _failure(exc: Exception) -> str:
     return redact_text(f"{type(exc).__name__}: {exc}")
 
 
-def select_rules(config: Config) -> SelectRules:
-    chosen = config.select
-    return SelectRules(
-        modalities=tuple(m.upper() for m in chosen.modalities),
-        views=tuple(v.upper() for v in chosen.views),
-        classify_missing_view=chosen.classify_missing_view,
-        body_parts=tuple(b.upper() for b in chosen.body_parts),
-        classify_missing_body_part=chosen.classify_missing_body_part,
-        min_size=chosen.min_size,
-    )
-
-
 class Worker:
     def __init__(self, config: Config, store: Store, classifier: Classifier,
-                 on_report: Callable[[], None] = lambda: None):
+                 on_report: Callable[[], None] = lambda: None, on_event: Listener = ignore):
         self.config = config
         self.store = store
         self.classifier = classifier
         self.on_report = on_report  # wakes delivery
+        self.on_event = on_event  # what was done, for a caller's progress display
         self.apply(config)
         self.options = ConvertOptions(**config.convert.model_dump())
         self.log = get_logger(component="worker", model=classifier.identity.name)
@@ -112,10 +108,6 @@ class Worker:
         self._thread = threading.Thread(target=self._run, name="xrvd-worker", daemon=True)
         self.heartbeat = time.monotonic()
         self.busy_since: float | None = None
-        # What this worker has done, for a caller's progress display: "classified", "adopted"
-        # (images with a report already in the output folder), "failed" (images),
-        # "reported", "already_reported", "failed_studies", "skipped:<reason>".
-        self.tally: Counter[str] = Counter()
         self.submit: Submit = run_here  # the daemon may give it a pool.PreparePool
         self._preparing: Round | None = None
         self._reporting: Reporting | None = None
@@ -123,7 +115,7 @@ class Worker:
     def apply(self, config: Config) -> None:
         """Take a reloaded config: thresholds, selection rules, settling, batch size."""
         self.config = config
-        self.rules = select_rules(config)
+        self.rules = SelectRules.from_config(config.select)
 
     def start(self) -> None:
         self._thread.start()
@@ -218,12 +210,19 @@ class Worker:
                           generation=claim.generation)
             item = _StudyWork(claim, time.perf_counter())
             try:
-                rows.extend((item, row) for row in self.store.study_instances(claim.study_id))
+                instances = self.store.study_instances(claim.study_id)
             except Exception as exc:  # noqa: BLE001 - one study never stops the others
                 self._fail(claim, _failure(exc))
                 continue
+            for row in instances:
+                if row.selected and row.state == "skipped":
+                    item.skipped += 1  # turned down at ingest (or by an earlier run), told then
+                else:
+                    rows.append((item, row))
             work.append(item)
-        jobs = [PrepareJob(row.id, str(row.path)) for _, row in rows]
+        # Rows journaled by an older xrvd were never selected: the worker decides for them.
+        jobs = [PrepareJob(row.id, str(row.path), select=row.selected is None)
+                for _, row in rows]
         return Round(work, rows, submit(self.prepare_function(), jobs))
 
     def complete(self, round_: Round, submit: Submit = run_here) -> Reporting:
@@ -252,7 +251,7 @@ class Worker:
         for (item, row, ds, _), row_scores in zip(inputs, scores, strict=True):
             if not np.all(np.isfinite(row_scores)):
                 self.store.mark_instance(row.id, "failed", "non_finite_scores")
-                self.tally["failed"] += 1
+                self.on_event(ImageFailed("non_finite_scores"))
                 self.log.warning("instance.failed", sop_instance_uid=row.sop_uid,
                                  reason="non_finite_scores")
                 continue
@@ -293,32 +292,20 @@ class Worker:
         and recording it): record its scores instead of writing a second report."""
         if not item.selected:
             return False
-        identity = self.classifier.identity
-        folder = Path(self.config.output.folder) / safe_name(item.claim.study_uid)
-        prefix = report_stem(identity, "")
-        candidates = sorted(folder.glob(f"{prefix}*.dcm"),
-                            key=lambda p: int(p.stem[len(prefix):])
-                            if p.stem[len(prefix):].isdigit() else -1)
-        if not candidates:
-            return False
         try:
-            findings = read_findings(pydicom.dcmread(candidates[-1]))
-        except Exception as exc:  # noqa: BLE001 - unreadable: classify as if it were not there
-            self.log.warning("report.existing_unreadable", path=str(candidates[-1]),
-                             error=repr(exc))
+            existing = find_existing_report(Path(self.config.output.folder),
+                                            item.claim.study_uid, self.classifier.identity)
+        except UnreadableReport as exc:  # classify as if it were not there
+            self.log.warning("report.existing_unreadable", path=str(exc.path), error=exc.error)
             return False
-        labels = {meaning: label for label, (_, _, meaning) in FINDING_CODES.items()}
-        scores: dict[int, dict[str, float]] = {}
-        for row, _, _ in item.selected:
-            if row.sop_uid not in findings:
-                return False
-            scores[row.id] = {labels.get(meaning, meaning): score
-                              for meaning, (score, _) in findings[row.sop_uid].items()}
-        state = self._record_run(item.claim, scores, candidates[-1])
-        self.tally["adopted"] += len(scores)
-        self.tally["already_reported"] += 1
+        if existing is None or any(row.sop_uid not in existing.scores
+                                   for row, _, _ in item.selected):
+            return False
+        scores = {row.id: existing.scores[row.sop_uid] for row, _, _ in item.selected}
+        state = self._record_run(item.claim, scores, existing.path)
+        self.on_event(ImagesAdopted(len(scores)))
         self.log.info("study.already_reported", study_instance_uid=item.claim.study_uid,
-                      result=str(candidates[-1]), classified=len(scores), next_state=state)
+                      result=str(existing.path), classified=len(scores), next_state=state)
         return True
 
     def _private(self, text: str, row: InstanceRow) -> str:
@@ -330,7 +317,7 @@ class Worker:
 
     def _skip(self, item: _StudyWork, row: InstanceRow, reason: str, detail: str) -> None:
         item.skipped += 1
-        self.tally[f"skipped:{reason}"] += 1
+        self.on_event(ImageSkipped(reason))
         metrics.SKIPPED.labels(reason).inc()
         self.store.mark_instance(row.id, "skipped", reason)
         self.log.info("instance.skipped", sop_instance_uid=row.sop_uid,
@@ -344,8 +331,7 @@ class Worker:
                           path=written.path, sop_instance_uid=written.sop_instance_uid)
         state = self._record_run(claim, scores, result_path)
         metrics.CLASSIFIED.inc(len(scores))
-        self.tally["classified"] += len(scores)
-        self.tally["reported"] += result_path is not None
+        self.on_event(ImagesClassified(len(scores), reported=result_path is not None))
         if result_path is not None:
             metrics.REPORTED.inc()
         metrics.CLASSIFY_SECONDS.observe(time.perf_counter() - item.started)
@@ -372,9 +358,9 @@ class Worker:
 
     def _fail(self, claim: StudyClaim, reason: str) -> None:
         metrics.FAILED.inc()
-        self.tally["failed_studies"] += 1
         state = self.store.fail_attempt(claim, reason, self.config.study.max_attempts,
                                         self.config.study.retry_seconds)
+        self.on_event(StudyFailed(reason, final=state == "failed"))
         event = "study.failed" if state == "failed" else "study.retry"
         self.log.error(event, study_instance_uid=claim.study_uid, reason=reason,
                        attempt=claim.attempts + 1)

@@ -513,23 +513,3 @@ def test_identifiers_stay_out_of_events_from_the_drop_folder_and_cstore(daemon, 
         assert MARKER not in logged
         [rejected] = xrvd.find("file.rejected")
         assert rejected["file"].startswith("id:") and rejected["moved_to"].startswith("id:")
-
-
-def test_worker_processes_auto_follows_the_cpus_the_service_may_use(tmp_path, monkeypatch):
-    from xrvd.commands import serve
-    from xrvd.config import load_config
-    from xrvd.errors import ConfigError
-
-    assert load_config(None).service.worker_processes == "auto"
-    for cpus, expected in [(1, 0), (2, 2), (3, 3), (16, serve.AUTO_WORKER_PROCESSES_AT_MOST)]:
-        monkeypatch.setattr(serve, "available_cpus", lambda cpus=cpus: cpus)
-        assert serve.worker_process_count("auto") == expected
-    assert serve.worker_process_count(3) == 3
-    config = tmp_path / "xrvd.yaml"
-    config.write_text("service:\n  worker_processes: 0\n")
-    assert load_config(config).service.worker_processes == 0
-    config.write_text("service:\n  worker_processes: many\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(config)
-    assert info.value.problems == [
-        "service.worker_processes: must be auto or a whole number from 0 to 64, got 'many'"]

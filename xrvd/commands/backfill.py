@@ -1,17 +1,17 @@
 """`xrvd backfill`: annotate an existing archive with the daemon's own stages.
 
 Two phases, both resumable from the journal:
-1. crawl: stream the archive's paths, read each new file's header, journal it in place
-   (store.register_in_place; batches of files share one transaction). Files seen before with
-   the same size and mtime are passed over without being read.
-2. classify: the daemon's Worker claims the studies and runs selection, conversion, batched
-   inference and the report writer on them. Selection and conversion run in a pool of worker
-   processes, one round ahead of inference, so decoding overlaps with the model.
+1. crawl: stream the archive's paths, read each new file's header, journal it in place with
+   its selection verdict (store.register_in_place; batches of files share one transaction).
+   Files seen before with the same size and mtime are passed over without being read.
+2. classify: the runtime's Worker (as in `xrvd serve`) claims the studies and runs
+   conversion, batched inference and the report writer on them. Conversion runs in a pool
+   of worker processes, one round ahead of inference, so decoding overlaps with the model.
 
 Every study is claimed only after the crawl has journaled all of its files, so a study spread
 over several folders still gets one report. An interrupted run leaves studies 'processing';
 the next run's recovery puts them back in the queue, and a run whose report had already been
-written is recognised (worker._adopt_existing_report) instead of reported twice.
+written is recognised (report.files.find_existing_report) instead of reported twice.
 """
 
 from __future__ import annotations
@@ -19,32 +19,33 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import signal
-import sqlite3
 import sys
-import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import TextIO
 
+from pydicom.dataset import Dataset
+
 from .. import log
 from ..config import Config
-from ..ingest.scan import crawl
 from ..errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL
-from ..fsutil import StateDirLock
+from ..events import Tally, WorkEvent
+from ..ingest.scan import crawl
 from ..pipeline.convert import ConvertOptions
-from ..pipeline.prepare import PrepareJob, Prepared, prepare_instance
+from ..pipeline.prepare import Prepared, PrepareJob, prepare_instance
 from ..pipeline.registry import get_spec
-from ..pipeline.select import view_of
+from ..pipeline.select import SelectRules, select
 from ..pool import PreparePool
-from .progress import Progress, print_table
+from ..runtime import Runtime
 from ..store import NotStorableError, Store
-from ..store.archive import ArchiveFile
-from ..store.records import open_read_only, read_header
-from ..worker import Worker, select_rules
+from ..store.archive import ArchiveFile, ArchiveJournal
+from ..store.records import read_header
+from ..worker import Worker
+from .progress import Progress, print_table
 
 REGISTER_BATCH = 256
 
@@ -100,7 +101,7 @@ class Backfill:
         self.config = config
         self.request = request
         self.out = out
-        self.rules = select_rules(config)
+        self.rules = SelectRules.from_config(config.select)
         self.log = log.get_logger(component="backfill")
         # An archive's folders and files are often named after the patient, and so may a
         # root be (one patient's folder): their paths are pseudonymised in every event.
@@ -109,7 +110,8 @@ class Backfill:
             if Path(root).is_file():  # a DICOMDIR or one file: its folder's files too
                 log.private_folder(Path(root).parent)
         self.found: Counter[str] = Counter()
-        self.skip_reasons: Counter[str] = Counter()
+        self.skip_reasons: Counter[str] = Counter()  # decided while crawling
+        self.tally = Tally()  # what the worker did
 
     def exclude(self) -> list[Path]:
         return [self.config.state_dir, Path(self.config.output.folder)]
@@ -161,7 +163,7 @@ class Backfill:
                     self.log.info("file.duplicate", file=str(item.path),
                                   sop_instance_uid=outcome.sop_uid)
                 elif outcome.skipped:
-                    self._skip_file(item.path, outcome.skipped, "journaled as skipped")
+                    self._skip_file(item.path, outcome.skipped, outcome.skip_detail)
                 else:
                     self.found["journaled"] += 1
             progress.advance(looked_at, found=looked_at)
@@ -174,92 +176,87 @@ class Backfill:
 
     # --- phase 2 ------------------------------------------------------------------------
 
-    def classify(self, store: Store, worker: Worker, pool: PreparePool,
-                 progress: Progress) -> None:
-        total = store.query("SELECT COUNT(*) FROM instances WHERE state = 'stored'")[0][0]
-        progress.start_phase("classify", total)
-        round_size = max(self.config.model.batch_size, 4 * max(pool.processes, 1))
-        while True:
-            before = Counter(worker.tally)
-            busy = worker.step(0.0, round_size, pool)
-            self._advance(progress, worker.tally - before)
-            if not busy:
-                return
+    def classify(self, store: Store, worker: Worker, progress: Progress) -> None:
+        progress.start_phase("classify", store.count_instances("stored"))
+        # Rounds big enough to keep every worker process busy while the model works.
+        round_size = max(self.config.model.batch_size, 4 * max(self.request.workers, 1))
+        while worker.step(0.0, round_size, worker.submit):
+            pass
 
-    @staticmethod
-    def _advance(progress: Progress, delta: Counter[str]) -> None:
-        skipped = sum(v for k, v in delta.items() if k.startswith("skipped:"))
-        progress.advance(delta["classified"] + delta["adopted"] + skipped + delta["failed"],
-                         classified=delta["classified"], skipped=skipped,
-                         failed=delta["failed"])
+    def _on_event(self, progress: Progress) -> Callable[[WorkEvent], None]:
+        def listen(event: WorkEvent) -> None:
+            done = self.tally.images_done
+            self.tally(event)
+            if self.tally.images_done != done:
+                progress.advance(self.tally.images_done - done,
+                                 classified=self.tally.classified,
+                                 skipped=sum(self.tally.skipped.values()),
+                                 failed=self.tally.failed)
+        return listen
 
     # --- the whole command ---------------------------------------------------------------
 
     def run(self) -> int:
         interactive = sys.stderr.isatty()
-        lock = StateDirLock(self.config.state_dir, "backfill")
-        lock.acquire()
-        store = Store(self.config.state_dir)
+        runtime = Runtime(self.config, "backfill", processes=self.request.workers)
         progress = Progress(interactive)
         started = time.monotonic()
-        worker: Worker | None = None
-        loader = _ClassifierLoader(self.config)  # torch imports while the crawl reads headers
-        pool = PreparePool(self.request.workers)
         interrupted = False
+        waiting = 0
         try:
-            recovered = store.recover()
+            recovered = runtime.open()
+            runtime.load_model()  # while the crawl reads headers
             self.log.info("backfill.started", roots=[str(p) for p in self.request.paths],
                           workers=self.request.workers, **recovered)
-            self.register(store, progress)
-            worker = Worker(self.config, store, loader.result())
-            self.classify(store, worker, pool, progress)
+            self.register(runtime.store, progress)
+            worker = runtime.engine(deliver=False, on_event=self._on_event(progress))
+            self.classify(runtime.store, worker, progress)
         except KeyboardInterrupt:
             interrupted = True
         finally:
             progress.close()
-            pool.shutdown()
-            waiting = store.query("SELECT COUNT(*) FROM studies WHERE state IN "
-                                  "('receiving', 'processing')")[0][0]
-            store.close()
-            lock.release()
-        tally = worker.tally if worker else Counter()
-        self.summary(tally, time.monotonic() - started, progress, waiting, interrupted)
+            if runtime.store is not None:
+                waiting = runtime.store.unfinished_studies()
+            runtime.close(drain=0.0)
+        self.summary(time.monotonic() - started, progress, waiting, interrupted)
         if interrupted:
             return EXIT_INTERRUPTED
-        return EXIT_PARTIAL if tally["failed"] or tally["failed_studies"] else EXIT_OK
+        return EXIT_PARTIAL if self.tally.failed or self.tally.failed_studies else EXIT_OK
 
-    def summary(self, tally: Counter[str], elapsed: float, progress: Progress, waiting: int,
+    def summary(self, elapsed: float, progress: Progress, waiting: int,
                 interrupted: bool) -> None:
-        rate = tally["classified"] / progress.elapsed() if tally["classified"] else 0.0
-        skipped = self.skip_reasons + Counter({k.split(":", 1)[1]: v for k, v in tally.items()
-                                               if k.startswith("skipped:")})
+        tally = self.tally
+        rate = tally.classified / progress.elapsed() if tally.classified else 0.0
+        skipped = self.skip_reasons + tally.skipped
         rows = [
             ("files found", str(self.found["found"])),
             ("  seen by an earlier run", str(self.found["seen_before"])),
             ("  journaled now", str(self.found["journaled"])),
             ("  duplicates (same instance)", str(self.found["duplicate"])),
-            ("images classified", str(tally["classified"])),
-            ("images already reported", str(tally["adopted"])),
+            ("images classified", str(tally.classified)),
+            ("images already reported", str(tally.adopted)),
             ("files and images skipped", str(sum(skipped.values()))),
             *[(f"  {reason}", str(count)) for reason, count in skipped.most_common()],
-            ("images failed", str(tally["failed"])),
-            ("studies reported", str(tally["reported"])),
-            ("studies with a report already", str(tally["already_reported"])),
-            ("study attempts failed", str(tally["failed_studies"])),
+            ("images failed", str(tally.failed)),
+            ("studies reported", str(tally.reported)),
+            ("studies with a report already", str(tally.already_reported)),
+            ("study attempts failed", str(tally.failed_studies)),
             ("studies left for the next run", str(waiting)),
             ("time", f"{elapsed:.1f} s"),
             ("classification rate", f"{rate:.2f} images/s"),
         ]
-        if self.config.destinations and tally["reported"]:
-            rows.append(("reports queued for delivery", f"{tally['reported']} (sent by xrvd "
+        if self.config.destinations and tally.reported:
+            rows.append(("reports queued for delivery", f"{tally.reported} (sent by xrvd "
                          "serve with this state_dir)"))
         title = "xrvd backfill: interrupted; run the same command again to go on" \
             if interrupted else "xrvd backfill: done"
         print_table(rows, self.out, title)
         self.log.info("backfill.finished", interrupted=interrupted,
                       elapsed_s=round(elapsed, 2), rate_per_s=round(rate, 2),
-                      **{k.replace(":", "_"): v for k, v in sorted(tally.items())},
-                      **dict(self.found), skipped=dict(skipped))
+                      classified=tally.classified, adopted=tally.adopted, failed=tally.failed,
+                      reported=tally.reported, already_reported=tally.already_reported,
+                      failed_studies=tally.failed_studies, **dict(self.found),
+                      skipped=dict(skipped))
 
     # --- --dry-run ------------------------------------------------------------------------
 
@@ -267,7 +264,7 @@ class Backfill:
         """Every file's verdict, through the same stages up to (not including) the model: the
         header checks here, then selection, decoding and conversion in the pool, so a file
         that would fail to decode shows up now, not in the real run."""
-        journal = _read_only_journal(self.config.state_dir)
+        journal = ArchiveJournal(self.config.state_dir)
         pool = PreparePool(self.request.workers)
         spec = get_spec(self.config.model.name)
         function = functools.partial(
@@ -279,18 +276,27 @@ class Backfill:
         remaining = self.request.limit
         try:
             for batch in _batches(self.paths(), 4 * max(pool.processes, 1)):
-                verdicts = []
+                verdicts: list[tuple[str, str, str] | None] = []
+                selected: dict[int, str] = {}
                 for path in batch:
                     if remaining == 0:
                         break
-                    verdicts.append(self._would(path, journal))
-                    if verdicts[-1] is None and remaining is not None:
-                        remaining -= 1
+                    verdict, header = self._would(path, journal)
+                    if header is not None:  # the real run journals it, with this verdict
+                        if remaining is not None:
+                            remaining -= 1
+                        choice = select(header, self.rules)
+                        if choice.classify:
+                            selected[len(verdicts)] = f"{header.get('Modality', '')} " \
+                                                      f"{choice.view}"
+                        else:
+                            verdict = ("skip", choice.reason, choice.detail)
+                    verdicts.append(verdict)
                 batch = batch[:len(verdicts)]
-                jobs = [PrepareJob(n, str(path)) for n, (path, verdict)
-                        in enumerate(zip(batch, verdicts, strict=True)) if verdict is None]
+                jobs = [PrepareJob(n, str(batch[n]), select=False) for n in selected]
                 for prepared in pool(function, jobs)():
-                    verdicts[prepared.instance_id] = _verdict(prepared)
+                    verdicts[prepared.instance_id] = _verdict(
+                        prepared, selected[prepared.instance_id])
                 for path, (action, reason, detail) in zip(batch, verdicts, strict=True):
                     actions[f"{action}:{reason}" if reason else action] += 1
                     self.out.write(f"{action:<10} {reason or '-':<16} {path}"
@@ -299,79 +305,38 @@ class Backfill:
                     break
         finally:
             pool.shutdown()
-            if journal is not None:
-                journal.close()
+            journal.close()
         rows = [(key.replace(":", " "), str(count)) for key, count in actions.most_common()]
         print_table(rows or [("files found", "0")], self.out,
                     "xrvd backfill --dry-run: nothing was classified or journaled")
         return EXIT_OK
 
-    def _would(self, path: Path,
-               journal: sqlite3.Connection | None) -> tuple[str, str, str] | None:
-        """The verdict from the file system, the journal and the header; None: decode it."""
+    def _would(self, path: Path, journal: ArchiveJournal
+               ) -> tuple[tuple[str, str, str] | None, Dataset | None]:
+        """(verdict, None) from the file system, the journal and the header checks, or
+        (None, header) for a file the real run would journal now."""
         try:
             stat = path.stat()
         except OSError as exc:
-            return "skip", "unreadable", exc.strerror or str(exc)
-        if journal is not None:
-            row = journal.execute(
-                "SELECT a.size, a.mtime_ns, a.outcome, i.state, i.reason FROM archive_files a "
-                "LEFT JOIN instances i ON i.id = a.instance_id WHERE a.path = ?",
-                (str(path),)).fetchone()
-            if row and (row[0], row[1]) == (stat.st_size, stat.st_mtime_ns):
-                return "done", row[3] or row[2], row[4] or "journaled by an earlier run"
+            return ("skip", "unreadable", exc.strerror or str(exc)), None
+        earlier = journal.earlier_verdict(path, stat)
+        if earlier is not None:
+            return ("done", *earlier), None
         try:
             header = read_header(path)
         except NotStorableError as exc:
-            return "skip", exc.reason, str(exc)
+            return ("skip", exc.reason, str(exc)), None
         if before_since(header, self.request.since):
-            return "skip", "before_since", f"study date {study_date(header)}"
-        return None
+            return ("skip", "before_since", f"study date {study_date(header)}"), None
+        return None, header
 
 
-def _verdict(prepared: Prepared) -> tuple[str, str, str]:
+def _verdict(prepared: Prepared, selected: str) -> tuple[str, str, str]:
     if prepared.error is not None:
         return "fail", "error", prepared.error
     if prepared.skip_reason is not None:
         return "skip", prepared.skip_reason, prepared.skip_detail
-    header = prepared.header
-    return "classify", "", f"{header.get('Modality', '')} {view_of(header) or 'unknown'}"
-
-
-def _read_only_journal(state_dir: Path) -> sqlite3.Connection | None:
-    db = open_read_only(state_dir)
-    if db is None:
-        return None
-    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
-    if "archive_files" not in tables:
-        db.close()
-        return None
-    return db
-
-
-class _ClassifierLoader:
-    """Loads the model in a thread: importing torch takes seconds the crawl can use."""
-
-    def __init__(self, config: Config):
-        self._classifier = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._load, args=(config,), daemon=True,
-                                        name="xrvd-model-loader")
-        self._thread.start()
-
-    def _load(self, config: Config) -> None:
-        from ..pipeline.models import Classifier
-
-        try:
-            self._classifier = Classifier.from_config(config)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            self._error = exc
-
-    def result(self):
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._classifier
+    return "classify", "", selected
 
 
 def run_backfill(config: Config, request: BackfillRequest,

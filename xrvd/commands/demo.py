@@ -14,13 +14,13 @@ from importlib import resources
 from pathlib import Path
 from typing import IO
 
-from .classify import classify_files, render_table
 from ..config import Config
 from ..errors import DownloadError, WeightsMissingError
 from ..pipeline.convert import ConvertOptions
 from ..pipeline.models import Classifier
 from ..pipeline.registry import get_spec
 from ..pipeline.untrained import UNTRAINED_BANNER, write_untrained_weights
+from .classify import classify_files, render_table
 
 SAMPLE = "rsna_cr_chest_jpeg_baseline.dcm"
 

@@ -95,8 +95,8 @@ def export(name: str, weights_dir: Path, *, threads: int = 0, force: bool = Fals
     """Build (or find) the verified ONNX graph of a model; its sidecar record plus `path`.
 
     Untrained weights are exported only where running them is allowed (see untrained.py)."""
-    from ..pipeline import onnxrt
     from ..cpus import available_cpus
+    from ..pipeline import onnxrt
     from ..pipeline.models import refuse_untrained
     from ..pipeline.untrained import untrained_allowed_by_environment
 

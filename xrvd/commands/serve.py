@@ -9,25 +9,19 @@ finish (or leave it for the next start) and exit 0. SIGHUP reloads what can chan
 
 from __future__ import annotations
 
+import contextlib
+import os
+import select
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
 from .. import __version__, log, metrics
 from ..config import Config, load_config
-from ..deliver import Deliverer
 from ..errors import ConfigError, XrvdError
-from ..ingest.scp import StorageSCP
-from ..ingest.watch import DropFolderWatcher
-from ..cpus import available_cpus
-from ..pipeline.models import Classifier
-from ..fsutil import DiskReserve, StateDirLock, reserve_bytes
-from ..pool import PreparePool
-from ..store import Store
+from ..runtime import Runtime, worker_process_count
 from ..systemd import Notifier
-from ..worker import Worker
 
 # Keys a reload cannot change in a running process; they need a restart.
 RESTART_ONLY = ("state_dir", "model.name", "model.weights_dir", "model.device",
@@ -35,19 +29,6 @@ RESTART_ONLY = ("state_dir", "model.name", "model.weights_dir", "model.device",
                 "scp.port", "scp.tls", "scp.tls_port", "scp.max_associations", "scp.max_pdu",
                 "scp.max_pending", "scp.network_timeout", "watch", "output",
                 "service.metrics", "service.worker_processes", "model.backend")
-
-
-AUTO_WORKER_PROCESSES_AT_MOST = 4
-
-
-def worker_process_count(setting: int | str) -> int:
-    """service.worker_processes. `auto`: one per CPU the service may use, at most 4 (each
-    takes about 150 MB, and per image they need about half the model's CPU time), and none
-    on a single CPU, where they would only take turns with the model and the receiver."""
-    if setting != "auto":
-        return int(setting)
-    cpus = available_cpus()
-    return 0 if cpus < 2 else min(cpus, AUTO_WORKER_PROCESSES_AT_MOST)
 
 
 def _get(config: Config, dotted: str):
@@ -63,54 +44,29 @@ class Daemon:
         self.config_path = config_path
         self.log = log.get_logger(component="daemon")
         self.notifier = Notifier()
-        self.stopping = threading.Event()
-        self.reload_requested = threading.Event()
-        self.store: Store | None = None
-        self.worker: Worker | None = None
-        self.scp: StorageSCP | None = None
-        self.watcher: DropFolderWatcher | None = None
+        self.signals = _Signals()
+        self.stopping = False
+        self.runtime = Runtime(config, "serve", processes=worker_process_count(
+            config.service.worker_processes))
         self.metrics_server: metrics.MetricsServer | None = None
-        self.deliverer: Deliverer | None = None
-        self.pool: PreparePool | None = None
         self.model_name = config.model.name
-        self.lock = StateDirLock(config.state_dir, "serve")
-        self.reserve: DiskReserve | None = None
 
     # --- start and stop -----------------------------------------------------------------
 
     def start(self) -> None:
-        config = self.config
+        config, runtime = self.config, self.runtime
         started = time.perf_counter()
-        config.state_dir.mkdir(parents=True, exist_ok=True)
-        self.lock.acquire()
-        self.store = Store(config.state_dir)
-        self.reserve = DiskReserve(config.state_dir, reserve_bytes(
-            config.state_dir, config.storage.min_free_mb))
-        recovered = self.store.recover()
+        recovered = runtime.open()
         self.log.info("journal.recovered", state_dir=str(config.state_dir), **recovered)
-        processes = worker_process_count(config.service.worker_processes)
-        if processes:  # they start while the model loads
-            self.pool = PreparePool(processes)
-        classifier = Classifier.from_config(config)
-        identity = classifier.identity
+        worker = runtime.engine(deliver=True)
+        identity = worker.classifier.identity
         if identity.untrained:
             self.log.warning("model.untrained", detail="UNTRAINED test weights: results are "
                              "meaningless; never run like this in production")
         self.log.info("model.loaded", model=identity.name, weights_sha256=identity.weights_sha256,
                       duration_s=round(time.perf_counter() - started, 3))
-        self.deliverer = Deliverer(config, self.store)
-        self.deliverer.start()
-        self.worker = Worker(config, self.store, classifier, on_report=self.deliverer.wake)
-        if self.pool is not None:
-            self.pool.wait_warm()
-            self.worker.submit = self.pool
-        self.worker.start()
-        if config.scp.enabled:
-            self.scp = StorageSCP(config.scp, self.store, self.reserve)
-            self.scp.start()
-        if config.watch.enabled:
-            self.watcher = DropFolderWatcher(config.watch, self.store, self.reserve)
-            self.watcher.start()
+        worker.start()
+        runtime.listen()
         if config.service.metrics.enabled:
             self.metrics_server = metrics.MetricsServer(
                 config.service.metrics.bind, config.service.metrics.port,
@@ -125,23 +81,9 @@ class Daemon:
     def stop(self) -> None:
         self.notifier.notify(STOPPING=1, STATUS="stopping: finishing work in flight")
         self.log.info("daemon.stopping")
-        drain = self.config.service.drain_seconds
-        if self.scp is not None:
-            self.scp.stop(drain)
-        if self.watcher is not None:
-            self.watcher.stop()
-        if self.worker is not None and not self.worker.stop(drain):
-            self.log.warning("worker.abandoned", detail="work in progress resumes at the next "
-                             "start")
-        if self.pool is not None:
-            self.pool.shutdown()
-        if self.deliverer is not None:
-            self.deliverer.stop(drain)
+        self.runtime.close(self.config.service.drain_seconds)
         if self.metrics_server is not None:
             self.metrics_server.stop()
-        if self.store is not None:
-            self.store.close()
-        self.lock.release()
         self.log.info("daemon.stopped")
         self.notifier.close()
 
@@ -150,28 +92,30 @@ class Daemon:
     def problems(self) -> list[str]:
         """Why the daemon is not healthy; empty when it is."""
         found = []
-        if self.worker is None or not self.worker.alive():
+        worker, scp, watcher = self.runtime.worker, self.runtime.scp, self.runtime.watcher
+        if worker is None or not worker.alive():
             found.append("worker thread is not running")
-        elif self.worker.stalled_for() > self.config.service.worker_stall_seconds:
-            found.append(f"worker stuck for {self.worker.stalled_for():.0f} s")
-        if self.config.scp.enabled and (self.scp is None or not self.scp.alive()):
+        elif worker.stalled_for() > self.config.service.worker_stall_seconds:
+            found.append(f"worker stuck for {worker.stalled_for():.0f} s")
+        if self.config.scp.enabled and (scp is None or not scp.alive()):
             found.append("DICOM listener is not running")
-        if self.config.watch.enabled and (self.watcher is None or not self.watcher.alive()):
+        if self.config.watch.enabled and (watcher is None or not watcher.alive()):
             found.append("drop folder watcher is not running")
-        if self.deliverer is not None and not self.deliverer.alive():
+        if self.runtime.deliverer is not None and not self.runtime.deliverer.alive():
             found.append("a delivery thread is not running")
         return found
 
     def conditions(self) -> list[str]:
         """What keeps the daemon from accepting work although nothing in it is broken (a
         /healthz reason; a restart would not help, so the watchdog keeps being pinged)."""
-        if self.reserve is not None and self.reserve.was_low:
-            return [f"disk low: {self.reserve.describe()}"]
+        reserve = self.runtime.reserve
+        if reserve is not None and reserve.was_low:
+            return [f"disk low: {reserve.describe()}"]
         return []
 
     def _watch_disk(self) -> None:
         """disk.low once when free space falls below the reserve, disk.ok when it is back."""
-        reserve = self.reserve
+        reserve = self.runtime.reserve
         if reserve is None:
             return
         free = reserve.free()
@@ -191,7 +135,7 @@ class Daemon:
 
     def _apply_retention(self) -> None:
         """Delete the spool files that storage.keep_spool no longer keeps."""
-        store, storage = self.store, self.config.storage
+        store, storage = self.runtime.store, self.config.storage
         if store is None:
             return
         files, freed = store.purge_spool(storage.keep_spool.split()[0], storage.keep_days)
@@ -201,9 +145,9 @@ class Daemon:
         metrics.SPOOL_BYTES.set(store.spool_usage()[1])
 
     def status_line(self) -> str:
-        if self.store is None:
+        if self.runtime.store is None:
             return "starting"
-        counts = self.store.counts()["studies"]
+        counts = self.runtime.store.counts()["studies"]
         for state in ("receiving", "processing", "classified", "failed"):
             metrics.QUEUE.labels(state).set(counts.get(state, 0))
         return (f"{counts.get('receiving', 0)} studies waiting, "
@@ -217,7 +161,10 @@ class Daemon:
         tick = min(1.0, watchdog / 3) if watchdog else 1.0
         next_status = 0.0
         reported: list[str] = []
-        while not self.stopping.wait(tick):
+        while True:
+            self._take_signals(self.signals.wait(tick))
+            if self.stopping:
+                return
             try:
                 reported, next_status = self._supervise(watchdog, reported, next_status)
             except Exception as exc:  # noqa: BLE001 - supervision must never end the daemon
@@ -225,9 +172,6 @@ class Daemon:
 
     def _supervise(self, watchdog: float | None, reported: list[str],
                    next_status: float) -> tuple[list[str], float]:
-        if self.reload_requested.is_set():
-            self.reload_requested.clear()
-            self.reload()
         problems = self.problems()
         if problems != reported:
             if problems:
@@ -263,26 +207,55 @@ class Daemon:
         log.configure(new.log.level, new.log.format,
                       include_patient_identifiers=new.log.include_patient_identifiers,
                       salt=log.load_salt(self.config.state_dir))  # state_dir: restart only
-        if self.scp is not None:
-            self.scp.apply_policy(new.scp)
-        if self.reserve is not None:
-            self.reserve.min_free_bytes = reserve_bytes(new.state_dir, new.storage.min_free_mb)
-        if self.worker is not None:
-            self.worker.apply(new)
+        self.runtime.apply(new)
         self.config = new
-        if self.deliverer is not None:
-            self.deliverer.apply(new)
         self.log.info("config.reloaded", path=str(self.config_path),
                       needs_restart=needs_restart or None)
         self.notifier.notify(READY=1, STATUS=self.status_line())
 
-    def request_stop(self, signum: int, _frame=None) -> None:
-        self.log.info("signal.received", signal=signal.Signals(signum).name)
-        self.stopping.set()
+    def _take_signals(self, received: list[int]) -> None:
+        for signum in received:
+            self.log.info("signal.received", signal=signal.Signals(signum).name)
+            if signum == signal.SIGHUP and not self.stopping:
+                self.reload()
+            elif signum != signal.SIGHUP:
+                self.stopping = True
 
-    def request_reload(self, signum: int, _frame=None) -> None:
-        self.log.info("signal.received", signal=signal.Signals(signum).name)
-        self.reload_requested.set()
+
+class _Signals:
+    """Signals for the supervising loop. The handler only notes the signal and writes a
+    byte to a pipe, both safe at any point: a handler runs in the main thread between two of
+    its bytecodes, and one that took a lock (Event.set, a log write) while the interrupted
+    code held it (Event.wait, the same log write) would deadlock the daemon in its stop."""
+
+    def __init__(self):
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+        self._received: list[int] = []
+
+    def install(self, *signums: int) -> None:
+        for signum in signums:
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, _frame=None) -> None:
+        self._received.append(signum)
+        try:
+            os.write(self._write, b"\0")
+        except BlockingIOError:  # the pipe is full of wake-ups already
+            pass
+
+    def wait(self, timeout: float) -> list[int]:
+        """The signals received, once each, waiting up to `timeout` for the first."""
+        if not self._received:
+            select.select([self._read], [], [], timeout)
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._read, 512):
+                pass
+        taken = []
+        while self._received:  # popped one by one: a signal may arrive between any two
+            taken.append(self._received.pop(0))
+        return taken
 
 
 def serve(config: Config, config_path: str | Path | None = None) -> int:
@@ -290,9 +263,7 @@ def serve(config: Config, config_path: str | Path | None = None) -> int:
                   include_patient_identifiers=config.log.include_patient_identifiers,
                   salt=log.load_salt(config.state_dir))
     daemon = Daemon(config, str(config_path) if config_path else None)
-    signal.signal(signal.SIGTERM, daemon.request_stop)
-    signal.signal(signal.SIGINT, daemon.request_stop)
-    signal.signal(signal.SIGHUP, daemon.request_reload)
+    daemon.signals.install(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     try:
         daemon.start()
     except XrvdError as exc:

@@ -36,6 +36,7 @@ from pynetdicom.sop_class import Verification
 from ..config import ScpConfig
 from ..fsutil import DiskReserve
 from .. import metrics
+from . import note_skipped
 from ..log import get_logger
 from ..store import NotStorableError, Store, StoreError
 from .incoming import Incoming
@@ -256,8 +257,5 @@ class StorageSCP:
         self.log.info(name, sop_instance_uid=sop_uid, study_instance_uid=outcome.study_uid,
                       status=outcome.status, size=size, calling_aet=calling,
                       duration_s=round(time.perf_counter() - started, 4))
-        if outcome.skipped:
-            self.log.info("instance.skipped", sop_instance_uid=sop_uid,
-                          study_instance_uid=outcome.study_uid, reason=outcome.skipped,
-                          detail="arrived after the study was reported; no re-run")
+        note_skipped(self.log, outcome)
         return STATUS_SUCCESS

@@ -21,6 +21,7 @@ from watchdog.observers import Observer
 from ..config import WatchConfig
 from ..fsutil import DiskReserve
 from .. import metrics
+from . import note_skipped
 from ..log import error_text, get_logger, private_folder
 from ..store import NotStorableError, Store, StoreError
 
@@ -251,10 +252,7 @@ class DropFolderWatcher:
          else metrics.RECEIVED.labels("watch")).inc()
         self.log.info(name, file=str(relative), sop_instance_uid=outcome.sop_uid,
                       study_instance_uid=outcome.study_uid, status=outcome.status)
-        if outcome.skipped:
-            self.log.info("instance.skipped", sop_instance_uid=outcome.sop_uid,
-                          study_instance_uid=outcome.study_uid, reason=outcome.skipped,
-                          detail="arrived after the study was reported; no re-run")
+        note_skipped(self.log, outcome)
         return 1
 
     def _reject(self, path: Path, relative: Path, reason: str, detail: str) -> None:

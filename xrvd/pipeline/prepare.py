@@ -13,8 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 
 from ..errors import ConversionFailedError, ImageError
 from ..fsutil import drop_cached_pages
@@ -22,17 +22,22 @@ from .convert import ConvertOptions, prepare_dataset
 from .read import header_errors, read_dicom
 from .select import SelectRules, select
 
+PIXEL_DATA = Tag(0x7FE0, 0x0010)
+
 
 @dataclass(frozen=True)
 class PrepareJob:
     instance_id: int
     path: str
+    # Selection is decided where an instance is journaled, from the header read there; only
+    # a row journaled by an older xrvd (or a caller with no verdict) asks for it here.
+    select: bool = True
 
 
 @dataclass(frozen=True)
 class Prepared:
     instance_id: int
-    header: Dataset | None = None  # read without pixel data: what the report needs
+    header: Dataset | None = None  # without pixel data: what the report needs
     array: np.ndarray | None = None
     skip_reason: str | None = None
     skip_detail: str = ""
@@ -41,21 +46,22 @@ class Prepared:
 
 def prepare_instance(job: PrepareJob, rules: SelectRules, options: ConvertOptions,
                      resolution: int) -> Prepared:
+    """The file is parsed once, with its pixel data left in the file until conversion reads
+    it; the same parse gives the header the report needs."""
     try:
         with header_errors(job.path):
-            header = pydicom.dcmread(job.path, stop_before_pixels=True, force=True)
-            choice = select(header, rules)
-        if not choice.classify:
+            ds = read_dicom(job.path, defer_pixel_data=True)
+            choice = select(ds, rules) if job.select else None
+        if choice is not None and not choice.classify:
             return Prepared(job.instance_id, skip_reason=choice.reason or "not_selected",
                             skip_detail=choice.detail)
         with conversion_errors(job.path):
-            array = prepare_dataset(read_dicom(job.path, defer_pixel_data=True), resolution,
-                                    options, job.path).array
+            array = prepare_dataset(ds, resolution, options, job.path).array
     except ImageError as exc:
         return Prepared(job.instance_id, skip_reason=exc.reason, skip_detail=exc.detail)
     except FileNotFoundError as exc:
         return Prepared(job.instance_id, skip_reason="file_missing",
-                        skip_detail=f"{job.path} is gone ({exc.strerror}); it was journaled "
+                        skip_detail=f"the file is gone ({exc.strerror}); it was journaled "
                         "but removed before it could be classified")
     except Exception as exc:  # noqa: BLE001 - reported to the caller, which retries the study
         # Only the machine's failures get here (OSError, MemoryError): whatever the file makes
@@ -66,7 +72,22 @@ def prepare_instance(job: PrepareJob, rules: SelectRules, options: ConvertOption
     # first touching a page costs more than copying into it) and gigabytes of spool and
     # archive files push other programs' data out of the page cache.
     drop_cached_pages(job.path)
-    return Prepared(job.instance_id, header=header, array=array)
+    return Prepared(job.instance_id, header=without_pixel_data(ds), array=array)
+
+
+def without_pixel_data(ds: Dataset) -> Dataset:
+    """The header as a read with stop_before_pixels gives it (the report's source): small to
+    pickle back from a worker process, and no file offsets into a file that may be purged."""
+    header = Dataset()
+    for element in ds:
+        if element.tag >= PIXEL_DATA:
+            break
+        header.add(element)
+    header.file_meta = ds.file_meta
+    header.preamble = getattr(ds, "preamble", None)
+    header.set_original_encoding(ds.is_implicit_VR, ds.is_little_endian,
+                                 ds.original_character_set)
+    return header
 
 
 @contextmanager

@@ -34,6 +34,7 @@ from ..errors import (
     UndecodablePixelDataError,
     malformed_header_detail,
 )
+from .select import pixel_problem
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -160,18 +161,10 @@ def check_dataset(ds: Dataset, path: object = "<dataset>") -> None:
         # Files without a meta header (raw datasets) are implicit VR little endian by rule.
         ds.file_meta = meta if meta is not None else pydicom.dataset.FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
-    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    if photometric not in ("MONOCHROME1", "MONOCHROME2") or samples != 1:
-        raise NotGreyscaleError(
-            path, f"photometric interpretation {photometric or '(missing)'} with {samples} "
-            "sample(s) per pixel: chest X-ray models need a greyscale (MONOCHROME1/2) image"
-        )
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames != 1:
-        raise MultiFrameError(
-            path, f"{frames} frames: xrvd classifies single-frame radiographs only"
-        )
+    problem = pixel_problem(ds)
+    if problem is not None:
+        error = MultiFrameError if problem.reason == "multi_frame" else NotGreyscaleError
+        raise error(path, problem.detail)
 
 
 def decode_pixels(ds: Dataset, path: object = "<dataset>") -> np.ndarray:

@@ -24,8 +24,15 @@ from pydicom.sr.codedict import codes
 
 from .. import __version__
 from ..pipeline.models import ModelIdentity
-from .template import DocumentTemplate, comparable, placeholder_image
-from .template import Fill, GroupTemplates, encode_item
+from .template import (
+    TYPE2,
+    DocumentTemplate,
+    Fill,
+    GroupTemplates,
+    comparable,
+    encode_item,
+    placeholder_image,
+)
 
 MANUFACTURER = "xrvd"
 PRIVATE_SCHEME = "99XRVD"
@@ -65,6 +72,15 @@ DEFAULT_SERIES_DESCRIPTION = "AI RESULT (xrvd) - not a radiologist read"
 def finding_code(label: str) -> CodedConcept:
     value, scheme, meaning = FINDING_CODES[label]
     return CodedConcept(value, scheme, meaning)
+
+
+_LABEL_FOR_MEANING = {meaning: label for label, (_, _, meaning) in FINDING_CODES.items()}
+
+
+def label_for_meaning(meaning: str) -> str:
+    """The label whose finding code has this meaning (as read_findings gives findings); a
+    meaning that is none of ours stays as it is."""
+    return _LABEL_FOR_MEANING.get(meaning, meaning)
 
 
 _UID_NAMESPACE = uuid.UUID("7d0c2f8e-5b1a-4c4e-9a57-2f0f5c3e9b11")
@@ -179,8 +195,8 @@ def build_report(sources: Sequence[Dataset], scores: dict[str, dict[str, float]]
         del sr.PatientAge  # lenient on input, strict on output: an invalid age is dropped
     if predecessor is not None:
         sr.PredecessorDocumentsSequence = [_hierarchical_reference(predecessor)]
-    if any(c[1] == PRIVATE_SCHEME for label in set().union(*map(set, scores.values()))
-           for c in [FINDING_CODES[label]]):
+    if any(FINDING_CODES[label][1] == PRIVATE_SCHEME
+           for image_scores in scores.values() for label in image_scores):
         scheme = Dataset()
         scheme.CodingSchemeDesignator = PRIVATE_SCHEME
         scheme.CodingSchemeName = "xrvd private finding codes"
@@ -252,20 +268,21 @@ def _from_templates(template: DocumentTemplate, settings: _Settings, sources: li
 
 @functools.lru_cache(maxsize=16)
 def _document_template(settings: _Settings) -> DocumentTemplate | None:
-    """The template (srdocument.py), made from the report highdicom builds for a placeholder
-    image, and checked: filled in for a second, different image it must give what highdicom
-    builds for that one (else None, remembered, and reports are built the slow way)."""
+    """The document template (template.py), made from the report highdicom builds for a
+    placeholder image, and checked: filled in for a second, different image it must give what
+    highdicom builds for that one (else None, remembered, and reports are built the slow
+    way)."""
     def report_for(source: Dataset) -> tuple[list[Dataset], list[list[tuple[str, bool, Fill]]]]:
         scores = {"Cardiomegaly": 0.75}
         return [source], [_findings(source, scores, settings.identity, settings.threshold, 0)]
 
     try:
-        first = _with_highdicom(settings, *report_for(placeholder_image(1, _TYPE2)), 0)
+        first = _with_highdicom(settings, *report_for(placeholder_image(1)), 0)
         [_context, *_, measurements] = first.ContentSequence
         [group] = measurements.ContentSequence
         template = DocumentTemplate(first, encode_item(group, [CHARACTER_SET]),
                                     [CHARACTER_SET])
-        second = report_for(placeholder_image(2, _TYPE2))
+        second = report_for(placeholder_image(2))
         same = comparable(_from_templates(template, settings, *second, 0)) == comparable(
             _with_highdicom(settings, *second, 0))
     except ValueError:
@@ -273,14 +290,10 @@ def _document_template(settings: _Settings) -> DocumentTemplate | None:
     return template if same else None
 
 
-# Type 2 attributes the SR copies from its evidence: real files often lack them entirely;
-# present but empty is what DICOM asks for then (the source files are never changed).
-_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
-          "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
-
-
 def _with_type2_attributes(source: Dataset) -> Dataset:
-    missing = [keyword for keyword in _TYPE2 if keyword not in source]
+    """Real files often lack the Type 2 attributes the SR copies from its evidence entirely;
+    present but empty is what DICOM asks for then (the source files are never changed)."""
+    missing = [keyword for keyword in TYPE2 if keyword not in source]
     if not missing:
         return source
     copy = source.copy()

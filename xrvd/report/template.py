@@ -169,15 +169,17 @@ class GroupTemplates:
 
 CONTENT_SEQUENCE = Tag(0x0040, 0xA730)
 TIMESTAMPS = ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime")
+# The Type 2 patient and study attributes the SR copies from its evidence (report/build.py
+# gives a source that lacks one an empty one).
+TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+         "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
 # The root elements of one study's report: the template leaves them out and `fill` puts the
 # study's own in (the patient and study attributes as highdicom copies them from the first
 # image).
 PER_STUDY = {Tag(keyword) for keyword in (
     "SOPInstanceUID", "SeriesInstanceUID", "InstanceNumber", "StudyInstanceUID", *TIMESTAMPS,
     "CurrentRequestedProcedureEvidenceSequence", "PertinentOtherEvidenceSequence",
-    "ContributingEquipmentSequence", "PatientName", "PatientID", "PatientBirthDate",
-    "PatientSex", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
-    "AccessionNumber")}
+    "ContributingEquipmentSequence", *TYPE2)}
 
 
 class DocumentTemplate:
@@ -275,7 +277,7 @@ def is_image_class(sop_class_uid: str) -> bool:
     return True
 
 
-def placeholder_image(number: int, type2: tuple[str, ...]) -> Dataset:
+def placeholder_image(number: int) -> Dataset:
     """A chest CR header to make and check templates with; the second one has more of what a
     study carries (patient, study, acquisition equipment)."""
     ds = Dataset()
@@ -285,7 +287,7 @@ def placeholder_image(number: int, type2: tuple[str, ...]) -> Dataset:
     ds.SeriesInstanceUID = f"2.25.{number}3"
     ds.Modality = "CR"
     ds.Rows = ds.Columns = 64
-    for keyword in type2:
+    for keyword in TYPE2:
         setattr(ds, keyword, "")
     if number > 1:
         ds.PatientName = "Placeholder^Patient"

@@ -100,6 +100,9 @@ ADDED_COLUMNS = (
     ("runs", "threshold", "REAL"),
     ("runs", "untrained", "INTEGER"),
     ("instances", "purged_at", "REAL"),  # when retention deleted its spool file
+    # 1: the verdict (state 'stored' or 'skipped', with its reason) was decided at ingest.
+    # NULL: journaled by an older xrvd, whose 'stored' says nothing about selection.
+    ("instances", "selected", "INTEGER"),
 )
 
 
@@ -152,7 +155,8 @@ class StoreOutcome:
     instance_id: int | None
     study_uid: str
     sop_uid: str
-    skipped: str | None = None  # reason, when journaled as skipped at once
+    skipped: str | None = None  # reason, when journaled as skipped (not selected)
+    skip_detail: str = ""  # what a person reads about that reason
 
 
 @dataclass(frozen=True)
@@ -161,6 +165,10 @@ class InstanceRow:
     sop_uid: str
     path: Path
     state: str
+    reason: str | None = None
+    # True: the verdict (state 'stored' or 'skipped') was decided at ingest; None: journaled
+    # by an older xrvd, whose 'stored' instance the worker must still select.
+    selected: bool | None = None
 
 
 @dataclass(frozen=True)
