@@ -5,8 +5,11 @@ paths are in harness.py."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import http.server
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -42,16 +45,43 @@ def untrained_weights(tmp_path_factory):
     (weights_copy, ready_weights)."""
     from xrvd.pipeline.untrained import write_untrained_weights
 
-    root = tmp_path_factory.mktemp("weights")
+    root = _run_folder(tmp_path_factory, "weights")
     written: dict[str, Path] = {}
 
     def folder(name: str) -> Path:
         if name not in written:
-            write_untrained_weights(name, root)
+            with _held(root / f".{name}.lock"):
+                if not (root / f".{name}.written").exists():
+                    write_untrained_weights(name, root)
+                    (root / f".{name}.written").touch()
             written[name] = root
         return root
 
     return folder
+
+
+def _run_folder(tmp_path_factory, name: str) -> Path:
+    """A folder for the whole run: with pytest-xdist, shared by its worker processes (each
+    has a base folder of its own inside the run's), so that weights are written and graphs
+    exported once per run, not once per worker."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    folder = base / name
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+@contextlib.contextmanager
+def _held(lock_file: Path):
+    """An exclusive lock between the run's worker processes (one writes, the others wait and
+    then find it written)."""
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")
@@ -68,8 +98,9 @@ def exported_weights(untrained_weights):
     def exported(name: str) -> tuple[Path, Path]:
         folder = untrained_weights(name)
         if name not in graphs:
-            classifier = Classifier.load(name, folder, allow_untrained=True,
-                                         backend="onnxruntime")
+            with _held(folder / f".{name}.export.lock"):  # a second worker finds it exported
+                classifier = Classifier.load(name, folder, allow_untrained=True,
+                                             backend="onnxruntime")
             cached = onnxrt.check_cache(get_spec(name), folder,
                                         classifier.identity.weights_sha256)
             assert cached.status == "verified", cached

@@ -23,12 +23,12 @@ def wait_for_states(store: Store, expected: dict[str, int], timeout: float = 60)
 
 
 @pytest.fixture
-def worker_factory(tmp_path, untrained_weights):
+def worker_factory(tmp_path, exported_weights):
     workers = []
 
     def make(**overrides):
         config = Config(state_dir=tmp_path / "state",
-                        model={"name": MODEL, "weights_dir": untrained_weights(MODEL)},
+                        model={"name": MODEL, "weights_dir": exported_weights(MODEL)[0]},
                         study={"settle_seconds": 0, "retry_seconds": 0, "max_attempts": 2},
                         **overrides)
         config.state_dir.mkdir(parents=True, exist_ok=True)

@@ -58,8 +58,8 @@ def test_same_array_for_12_bit_monochrome1_upscaled(tiny_with_pixels):
 
 @pytest.mark.parametrize("model", ["densenet121-res224-all", "resnet50-res512-all",
                                    "jfhealthcare-densenet121-res512"])
-def test_same_scores_as_torchxrayvision(model, untrained_weights):
-    classifier = Classifier.load(model, untrained_weights(model), allow_untrained=True)
+def test_same_scores_as_torchxrayvision(model, exported_weights):
+    classifier = Classifier.load(model, exported_weights(model)[0], allow_untrained=True)
     ours = classifier.predict(np.concatenate(
         [prepare_file(p, classifier.resolution).array for p in CLASSIFIABLE]))
     # The reference hands the model whatever it has; the model's own forward resizes it.

@@ -60,9 +60,9 @@ def graphs(folder) -> list[str]:
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_every_model_scores_the_same_on_both_backends(name, untrained_weights, fixture_inputs):
+def test_every_model_scores_the_same_on_both_backends(name, exported_weights, fixture_inputs):
     spec = get_spec(name)
-    folder = untrained_weights(name)  # shared by the session: each model is exported once
+    folder, _ = exported_weights(name)  # exported once per run, through Classifier.load
     fast = Classifier.load(name, folder, allow_untrained=True, backend="onnxruntime")
     eager = Classifier.load(name, folder, allow_untrained=True, backend="torch")
     assert (fast.backend, eager.backend) == ("onnxruntime", "torch")

@@ -69,9 +69,9 @@ def test_unknown_model_lists_the_choices():
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_every_architecture_builds_and_predicts(name, untrained_weights):
+def test_every_architecture_builds_and_predicts(name, exported_weights):
     spec = get_spec(name)
-    classifier = Classifier.load(name, untrained_weights(name), allow_untrained=True)
+    classifier = Classifier.load(name, exported_weights(name)[0], allow_untrained=True)
     import torchxrayvision as xrv
 
     expected_type = {
