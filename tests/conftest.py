@@ -11,6 +11,7 @@ import http.server
 import json
 import os
 import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -28,6 +29,12 @@ from .harness import (
 
 
 def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # One test process per CPU already: a model in it (and in the commands it starts) gets
+        # one thread, not one per CPU each.
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(1)
     if not CXR.is_dir():
         raise pytest.UsageError(
             f"test data not found at {DATA}: check out the project beside its shared/ folder "

@@ -329,8 +329,10 @@ def journal_text(process: DaemonProcess) -> str:
 def write_config(tmp_path: Path, weights_dir: Path, **sections) -> Path:
     config = {
         "state_dir": str(tmp_path / "state"),
+        # One intra-op thread: the test processes run side by side, one per CPU (xdist), and
+        # threads beyond the CPUs only take turns (ONNX Runtime's spin while they wait).
         "model": {"name": "densenet121-res224-all", "weights_dir": str(weights_dir),
-                  "batch_size": 4},
+                  "batch_size": 4, "threads": 1},
         "scp": {"port": 0, "allowed_calling_aets": ["STORESCU", "XRVDTEST"]},
         "study": {"settle_seconds": 0.5, "retry_seconds": 0.5},
         "output": {"json_sidecar": True},
