@@ -39,8 +39,7 @@ def worker_process_count(setting: int | str) -> int:
 
 
 class Runtime:
-    """Use as: open() -> load_model() (in the background) -> engine() -> [listen()] ->
-    close(). `role` names the holder in the state directory's lock ("serve", "backfill")."""
+    """Use as: open() -> engine() -> [listen()] -> close(). `role` names the holder in the state directory's lock ("serve", "backfill")."""
 
     def __init__(self, config: Config, role: str, *, processes: int):
         self.config = config
@@ -55,7 +54,7 @@ class Runtime:
         self.deliverer: Deliverer | None = None
         self.scp: StorageSCP | None = None
         self.watcher: DropFolderWatcher | None = None
-        self._model: _ModelLoader | None = None
+        self._model: _ModelLoader | None = None  # started by open()
         self._locked = False
 
     @property
@@ -64,7 +63,8 @@ class Runtime:
 
     def open(self) -> dict[str, int]:
         """Lock the state directory, open the journal and resume what a stop or crash left;
-        the worker processes start now, while the caller loads the model or crawls."""
+        the model loads in a thread and the worker processes start, while the caller crawls
+        (engine() waits for both)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.lock.acquire()
         self._locked = True
@@ -72,20 +72,16 @@ class Runtime:
         self.reserve = DiskReserve(self.state_dir, reserve_bytes(
             self.state_dir, self.config.storage.min_free_mb))
         recovered = self.store.recover()
+        # The model first: starting the pool waits for its fork server to import torch
+        # (seconds), which the model's load can use.
+        self._model = _ModelLoader(self.config)
         if self.processes:
             self.pool = PreparePool(self.processes)
         return recovered
 
-    def load_model(self) -> None:
-        """Start loading the model in a thread: importing torch or ONNX Runtime and reading
-        the weights take seconds that a crawl or the pool's start can use."""
-        self._model = _ModelLoader(self.config)
-
     def engine(self, *, deliver: bool, on_event: Listener = ignore) -> Worker:
         """The worker (waiting for the model), with the deliverer when `deliver`: a back-fill
         leaves its reports queued for the service that owns the destinations."""
-        if self._model is None:
-            self.load_model()
         classifier = self._model.result()
         if deliver:
             self.deliverer = Deliverer(self.config, self.store)

@@ -205,7 +205,6 @@ class Backfill:
         waiting = 0
         try:
             recovered = runtime.open()
-            runtime.load_model()  # while the crawl reads headers
             self.log.info("backfill.started", roots=[str(p) for p in self.request.paths],
                           workers=self.request.workers, **recovered)
             self.register(runtime.store, progress)

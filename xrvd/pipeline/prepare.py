@@ -71,18 +71,19 @@ def prepare_instance(job: PrepareJob, rules: SelectRules, options: ConvertOption
     # left cached, every instance takes fresh memory (on VMs whose host reclaims free memory,
     # first touching a page costs more than copying into it) and gigabytes of spool and
     # archive files push other programs' data out of the page cache.
+    header = without_pixel_data(ds)
     drop_cached_pages(job.path)
-    return Prepared(job.instance_id, header=without_pixel_data(ds), array=array)
+    return Prepared(job.instance_id, header=header, array=array)
 
 
 def without_pixel_data(ds: Dataset) -> Dataset:
     """The header as a read with stop_before_pixels gives it (the report's source): small to
     pickle back from a worker process, and no file offsets into a file that may be purged."""
     header = Dataset()
-    for element in ds:
-        if element.tag >= PIXEL_DATA:
+    for tag in ds.keys():  # tags, not elements: iterating the dataset would read the pixels
+        if tag >= PIXEL_DATA:
             break
-        header.add(element)
+        header.add(ds[tag])
     header.file_meta = ds.file_meta
     header.preamble = getattr(ds, "preamble", None)
     header.set_original_encoding(ds.is_implicit_VR, ds.is_little_endian,
