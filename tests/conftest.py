@@ -13,11 +13,18 @@ import os
 import shutil
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from .harness import (
+    PASSWORD,
+    USER,
+    Orthanc,
+    PacsArchive,
+    build_pacs_archive,
+    free_port,
     CRAFTED,
     CXR,
     DATA,
@@ -262,3 +269,54 @@ def crafted(tmp_path_factory) -> dict[str, Path]:
     for kind in CRAFTED:
         write_crafted(kind, WG04_CR, folder / f"{kind}.dcm")
     return {kind: folder / f"{kind}.dcm" for kind in CRAFTED}
+
+
+@dataclass
+class Pacs:
+    """A running Orthanc holding build_pacs_archive's studies, capping queries at `cap`, with
+    xrvd's listener (AE XRVD on `xrvd_port`) known to it as a C-MOVE destination."""
+
+    orthanc: Orthanc
+    archive: PacsArchive
+    cap: int
+    xrvd_port: int
+
+    def source(self, **settings) -> dict:
+        """A `sources:` entry for it (by DICOM Q/R; `web_source` for DICOMweb)."""
+        return {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1",
+                "port": self.orthanc.dicom_port, "result_cap": self.cap,
+                "retry_seconds": 0.2, "max_retry_seconds": 1, "timeout_seconds": 20,
+                **settings}
+
+    def web_source(self, **settings) -> dict:
+        return {"name": "pacs", "type": "dicomweb", "url": self.orthanc.dicomweb_url,
+                "auth": {"type": "basic", "username": USER, "password": PASSWORD},
+                "result_cap": self.cap, "retry_seconds": 0.2, "max_retry_seconds": 1,
+                "timeout_seconds": 20, **settings}
+
+
+@pytest.fixture
+def pacs(tmp_path):
+    yield from _pacs(tmp_path, dicomweb=False)
+
+
+@pytest.fixture
+def dicomweb_pacs(tmp_path):
+    """The same PACS, also answering DICOMweb (QIDO-RS, WADO-RS, STOW-RS) at
+    orthanc.dicomweb_url, behind its HTTP basic auth (harness.USER, PASSWORD)."""
+    yield from _pacs(tmp_path, dicomweb=True)
+
+
+def _pacs(tmp_path, *, dicomweb: bool):
+    orthanc = Orthanc(tmp_path / "orthanc")
+    xrvd_port = free_port()
+    cap = 5
+    orthanc.configure(xrvd_port, find_cap=cap, dicomweb=dicomweb)
+    orthanc.start()
+    try:
+        archive = build_pacs_archive(tmp_path / "archive")
+        for path in archive.files:
+            orthanc.upload(path)
+        yield Pacs(orthanc, archive, cap, xrvd_port)
+    finally:
+        orthanc.stop()

@@ -8,17 +8,23 @@ by line and tests wait for the event they need, with a timeout that only bounds 
 
 from __future__ import annotations
 
+import base64
+import collections
 import contextlib
+import datetime as dt
 import http.server
 import json
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +68,12 @@ def require_tool(name: str, package: str, *, optional: bool = False) -> str | No
     found = shutil.which(name, path=os.pathsep.join(folders))
     if found:
         return found
-    reason = f"{name} missing: apt-get install {package}"
+    return _missing(f"{name} missing: apt-get install {package}", optional)
+
+
+def _missing(reason: str, optional: bool = False) -> None:
+    """Skip the test for a missing system component (fail it under CI=true), or return None
+    with optional=True."""
     if os.environ.get("CI") == "true":
         pytest.fail(f"{reason} (CI=true: .ci/run must install it)", pytrace=False)
     if optional:
@@ -441,6 +452,243 @@ def copy_with_new_uids(source: Path, target: Path, *, study_uid: str | None = No
     target.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(target)
     return ds
+
+
+# --- a PACS: Orthanc on loopback, and an archive to fill it with -----------------------------
+
+# Orthanc's REST API and DICOMweb are behind HTTP basic authentication, as at a real site.
+USER, PASSWORD = "xrvd", "s3cret-for-tests"
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (for a program that cannot report the port it bound)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Orthanc:
+    """Orthanc (Debian package) on loopback: AE title ORTHANC on `dicom_port`, REST (and,
+    with dicomweb=True, DICOMweb) on `http_port`, its database under `folder`. Call
+    configure, then start; start again after stop keeps the database.
+
+    Any calling AE may store, C-FIND, C-GET and C-MOVE (a C-MOVE destination must be one of
+    the configured modalities: Orthanc opens the association to it by name)."""
+
+    def __init__(self, folder: Path, xrvd_port_file: Path | None = None):
+        self.program = require_tool("Orthanc", "orthanc")
+        self.folder = folder
+        self.http_port, self.dicom_port = free_port(), free_port()
+        self.config = folder / "orthanc.json"
+        self.proc: subprocess.Popen | None = None
+        self._started = threading.Event()
+        self._log: collections.deque[str] = collections.deque(maxlen=40)
+
+    def configure(self, xrvd_port: int | None = None, *,
+                  modalities: dict[str, tuple[str, str, int]] | None = None,
+                  dicomweb: bool = False, find_cap: int | None = None) -> None:
+        """xrvd_port: xrvd's SCP, as the modality "xrvd" (AE title XRVD on loopback).
+        modalities: more known peers, name -> (AE title, host, port).
+        dicomweb: load the DICOMweb plugin, at dicomweb_url (skips the test when the
+        orthanc-dicomweb package is missing).
+        find_cap: at most this many matches per query (Orthanc's LimitFindResults, and
+        LimitFindInstances at the instance level), like a real PACS's result cap; the
+        default, none."""
+        known = {"xrvd": ["XRVD", "127.0.0.1", xrvd_port]} if xrvd_port is not None else {}
+        known.update({name: list(peer) for name, peer in (modalities or {}).items()})
+        plugins = []
+        if dicomweb:
+            if not DICOMWEB_PLUGIN.is_file():
+                _missing("the Orthanc DICOMweb plugin is missing: "
+                         "apt-get install orthanc-dicomweb")
+            plugins.append(str(DICOMWEB_PLUGIN))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(json.dumps({
+            "Name": "xrvd-test-pacs",
+            "StorageDirectory": str(self.folder / "db"),
+            "IndexDirectory": str(self.folder / "db"),
+            "HttpPort": self.http_port, "DicomPort": self.dicom_port,
+            "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": True, "RegisteredUsers": {USER: PASSWORD},
+            "DicomModalities": known,
+            # Callers need not be registered: the back-fill's AE title is the test's choice.
+            "DicomAlwaysAllowStore": True, "DicomAlwaysAllowFind": True,
+            "DicomAlwaysAllowGet": True, "DicomAlwaysAllowMove": True,
+            "DicomCheckCalledAet": False,
+            "LimitFindResults": find_cap or 0, "LimitFindInstances": find_cap or 0,
+            "Plugins": plugins,
+            **({"DicomWeb": {"Enable": True, "Root": "/dicom-web/"}} if dicomweb else {}),
+            "HttpServerEnabled": True, "DicomServerEnabled": True,
+            "StableAge": 1,
+        }))
+
+    def start(self) -> Orthanc:
+        self._started.clear()
+        self._log.clear()
+        self.proc = subprocess.Popen([self.program, str(self.config)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        # The reader also sets _started when Orthanc exits, so a bad configuration fails here
+        # at once, with Orthanc's last lines, instead of after the timeout.
+        assert self._started.wait(60) and self.proc.poll() is None, \
+            "Orthanc did not start:\n" + "".join(self._log)
+        return self
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self._log.append(line)
+            if "Orthanc has started" in line:
+                self._started.set()
+        self._started.set()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=60)
+            self._reader.join(timeout=10)
+            self.proc.stdout.close()
+
+    @staticmethod
+    def authorization() -> str:
+        """The Authorization header's value for Orthanc's REST API and DICOMweb."""
+        return "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+
+    def rest(self, method: str, path: str, body: bytes | dict | None = None):
+        data = json.dumps(body).encode() if isinstance(body, dict) else body
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}",
+                                         data=data, method=method)
+        request.add_header("Authorization", self.authorization())
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read() or b"null")
+
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb root (QIDO-RS, WADO-RS, STOW-RS), without a trailing slash."""
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
+
+    def statistics(self) -> dict:
+        """GET /statistics: CountPatients, CountStudies, CountSeries, CountInstances, ..."""
+        return self.rest("GET", "/statistics")
+
+    def instances_count(self) -> int:
+        return int(self.statistics()["CountInstances"])
+
+    def upload(self, source: Path | bytes) -> str:
+        """Store a DICOM file (a path or its bytes) through the REST API; its Orthanc ID."""
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        return self.rest("POST", "/instances", data)["ID"]
+
+    def reports_in_study(self, study_uid: str) -> dict[str, str]:
+        """Orthanc ID -> SOP Instance UID of the SR instances in a study."""
+        found = self.rest("POST", "/tools/find", {
+            "Level": "Instance", "Expand": True,
+            "Query": {"StudyInstanceUID": study_uid, "Modality": "SR"}})
+        return {item["ID"]: item["MainDicomTags"]["SOPInstanceUID"] for item in found}
+
+
+@dataclass
+class PacsArchive:
+    """What build_pacs_archive wrote, and what a back-fill from it must do."""
+
+    files: list[Path]
+    frontal_sops: set[str]  # frontal chest images: each must be classified
+    chest_studies: set[str]  # studies holding a frontal chest image: each gets a report
+    non_chest_sops: set[str]  # CT and MR instances: never to be retrieved
+    lateral_sops: set[str]  # lateral views beside a frontal one: not classified
+    days: list[dt.date]
+    busy_day: dt.date  # holds more chest studies than a small find cap
+    studies: dict[str, dt.date] = field(default_factory=dict)  # every study UID -> its day
+
+
+def build_pacs_archive(folder: Path, *, busy_day_studies: int = 8) -> PacsArchive:
+    """DICOM files under `folder` for a PACS to hold, new UIDs each: studies on 4 days
+    (2024-01-02..05), each with its own distinct StudyTime and accession number, of these
+    kinds: frontal chest only; frontal and lateral (ViewPosition LL, a second series); CT
+    only; MR only; a frontal chest series with a CT series in the same study. The busy day
+    (2024-01-03) holds `busy_day_studies` chest studies and a CT and an MR study besides; every
+    other day holds 4 studies, under a find cap of 5, the kinds in turn (each kind twice or
+    more over those days). A day's studies are spread over 06:00..20:00. Patients
+    (PACS000..PACS011) have several studies each.
+
+    The frontal images are the shared chest fixtures, the large ones subsampled (WG04 to
+    a quarter, the NIH image to half: still above the 256 px selection minimum) so that the
+    whole archive is a few MB and uploads in about a second."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = folder / "sources"
+    frontals = [_subsampled(WG04_CR, sources / "wg04.dcm", 4),
+                _subsampled(NIH_SC, sources / "nih.dcm", 2), RSNA_JPEG]
+    ct, mr = REJECT / "CT_small.dcm", REJECT / "MR_small.dcm"
+    days = [dt.date(2024, 1, 2) + dt.timedelta(days=i) for i in range(4)]
+    busy_day = days[1]
+    archive = PacsArchive([], set(), set(), set(), set(), days, busy_day)
+    every_kind = ("chest", "chest+lateral", "ct", "mr", "chest+ct")
+    count = quiet = 0
+
+    def study(day: dt.date, kind: str, seconds: int) -> None:
+        nonlocal count
+        count += 1
+        uid = generate_uid()
+        study_time = f"{seconds // 3600:02d}{seconds // 60 % 60:02d}{seconds % 60:02d}"
+        common = dict(StudyDate=day.strftime("%Y%m%d"), StudyTime=study_time,
+                      PatientID=f"PACS{count % 12:03d}",
+                      PatientName=f"PACS^PATIENT{count % 12:03d}",
+                      AccessionNumber=f"ACC{count:05d}", StudyDescription=kind.upper())
+        frontal = frontals[count % len(frontals)]
+
+        def instance(source: Path, series: int, **attributes) -> str:
+            target = folder / day.isoformat() / f"{count:03d}-{series}.dcm"
+            ds = copy_with_new_uids(source, target, study_uid=uid, SeriesNumber=series,
+                                    InstanceNumber=1, **_dated(source, day), **common,
+                                    **attributes)
+            archive.files.append(target)
+            return str(ds.SOPInstanceUID)
+
+        archive.studies[uid] = day
+        if kind in ("chest", "chest+lateral", "chest+ct"):
+            archive.frontal_sops.add(instance(frontal, 1))
+            archive.chest_studies.add(uid)
+        if kind == "chest+lateral":
+            archive.lateral_sops.add(instance(frontal, 2, ViewPosition="LL"))
+        if kind in ("ct", "chest+ct"):
+            archive.non_chest_sops.add(instance(ct, 2 if kind == "chest+ct" else 1))
+        if kind == "mr":
+            archive.non_chest_sops.add(instance(mr, 1))
+
+    for day in days:
+        if day == busy_day:
+            chest_kinds = ("chest", "chest+lateral", "chest+ct")
+            kinds = [chest_kinds[i % 3] for i in range(busy_day_studies)] + ["ct", "mr"]
+        else:
+            kinds = [every_kind[(quiet + i) % len(every_kind)] for i in range(4)]
+            quiet += 4
+        # Spread over 06:00..20:00, so that splitting a day's window by time divides its
+        # studies; `count` seconds more keeps the same slot on different days apart.
+        step = 14 * 3600 // len(kinds)
+        for i, kind in enumerate(kinds):
+            study(day, kind, 6 * 3600 + i * step + count)
+    shutil.rmtree(sources)
+    return archive
+
+
+def _dated(source: Path, day: dt.date) -> dict[str, str]:
+    """The other dates a fixture's header holds, moved to the study's day (a back-fill may
+    read any of them)."""
+    header = pydicom.dcmread(source, stop_before_pixels=True)
+    return {keyword: day.strftime("%Y%m%d")
+            for keyword in ("SeriesDate", "AcquisitionDate", "ContentDate") if keyword in header}
+
+
+def _subsampled(source: Path, target: Path, step: int) -> Path:
+    """An uncompressed fixture with every `step`-th row and column of its pixels."""
+    ds = pydicom.dcmread(source)
+    pixels = np.ascontiguousarray(ds.pixel_array[::step, ::step])
+    ds.Rows, ds.Columns = pixels.shape
+    ds.PixelData = pixels.tobytes()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(target)
+    return target
 
 
 # --- crafted files: malformed headers that must get a reason code, never a finding -----------

@@ -48,6 +48,13 @@ def _date(text: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _modalities(text: str) -> tuple[str, ...]:
+    names = tuple(m.strip().upper() for m in text.split(",") if m.strip())
+    if not names or not all(m.isalnum() and len(m) <= 16 for m in names):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of modalities like CR,DX")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .commands.classify import FORMATS
     from .commands.export import FORMATS as EXPORT_FORMATS
@@ -134,20 +141,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classify the bundled sample chest X-ray end to end")
     backfill = sub.add_parser(
         "backfill", parents=[common], help="classify an existing archive (resumable)",
-        description="Crawl folders (and DICOMDIR media) and run every file through the daemon's "
-        "stages: journal, selection, classification, report. Files are read in place, never "
-        "changed. Interrupt it at any point and run the same command again to go on.")
-    backfill.add_argument("paths", nargs="+", type=Path, metavar="PATH",
+        description="Crawl folders (and DICOMDIR media), or query and retrieve from a PACS "
+        "(--source), and run every image through the daemon's stages: journal, selection, "
+        "classification, report. Files are read in place, never changed. Interrupt it at any "
+        "point and run the same command again to go on.")
+    backfill.add_argument("paths", nargs="*", type=Path, metavar="PATH",
                           help="folders, files or DICOMDIR files")
+    backfill.add_argument("--source", metavar="NAME",
+                          help="a PACS from the config's sources: instead of PATHs")
     backfill.add_argument("-r", "--recursive", action="store_true",
                           help="walk sub-folders too")
     backfill.add_argument("--dry-run", action="store_true",
-                          help="show what would be classified and why each file would be "
-                          "skipped; classify and journal nothing")
+                          help="show what would be classified (or retrieved) and why the rest "
+                          "would not; classify and journal nothing")
     backfill.add_argument("--limit", type=_positive_int, metavar="N",
-                          help="take at most N new files from the crawl")
+                          help="take at most N new files from the crawl (with --source: "
+                          "retrieve at most N studies)")
     backfill.add_argument("--since", type=_date, metavar="DATE",
-                          help="only studies from this date on (YYYY-MM-DD; by StudyDate)")
+                          help="only studies from this date on (YYYY-MM-DD; by StudyDate; with "
+                          "--source: default 30 days before --until)")
+    backfill.add_argument("--until", type=_date, metavar="DATE",
+                          help="with --source: the last study date to query (default: today)")
+    backfill.add_argument("--modality", type=_modalities, metavar="CR,DX",
+                          help="with --source: the series modalities to retrieve (default: "
+                          "the source's modalities)")
     backfill.add_argument("--workers", type=_non_negative_int, metavar="N",
                           help="processes decoding and converting images (default: the cores "
                           "available; 0: in the main process)")
@@ -242,11 +259,40 @@ def _backfill(args: argparse.Namespace, config) -> int:
     from .commands.backfill import BackfillRequest, run_backfill
     from .cpus import available_cpus
 
+    workers = available_cpus() if args.workers is None else args.workers
+    if args.source is not None:
+        return _backfill_source(args, config, workers)
+    if not args.paths:
+        print("xrvd backfill: give folders or files to crawl, or --source NAME to query a "
+              "PACS from the config's sources", file=sys.stderr)
+        return EXIT_ERROR
+    if args.until is not None or args.modality is not None:
+        print("xrvd backfill: --until and --modality go with --source", file=sys.stderr)
+        return EXIT_ERROR
     request = BackfillRequest(
         paths=tuple(args.paths), recursive=args.recursive, dry_run=args.dry_run,
-        limit=args.limit, since=args.since,
-        workers=available_cpus() if args.workers is None else args.workers)
+        limit=args.limit, since=args.since, workers=workers)
     return run_backfill(config, request, args.log_level)
+
+
+def _backfill_source(args: argparse.Namespace, config, workers: int) -> int:
+    import datetime as dt
+
+    from .commands.backfill_source import SourceRequest, run_source_backfill
+
+    if args.paths or args.recursive:
+        print("xrvd backfill: --source queries a PACS; give no PATHs with it", file=sys.stderr)
+        return EXIT_ERROR
+    until = args.until or dt.date.today()
+    since = args.since or until - dt.timedelta(days=30)
+    if since > until:
+        print(f"xrvd backfill: --since {since} is after --until {until}", file=sys.stderr)
+        return EXIT_ERROR
+    config.source(args.source)  # an unknown name is a config error, said as such
+    request = SourceRequest(source=args.source, since=since, until=until,
+                            modalities=args.modality or (), limit=args.limit,
+                            dry_run=args.dry_run, workers=workers)
+    return run_source_backfill(config, request, args.log_level)
 
 
 def _export(args: argparse.Namespace, config) -> int:
@@ -273,6 +319,10 @@ def _ops(args: argparse.Namespace, config) -> int:
         from .deliver import tls_arguments
 
         peer = config.destination(args.destination)
+        if peer.type == "dicomweb":
+            print(f"xrvd echo: {args.destination} is a DICOMweb destination ({peer.url}); "
+                  "C-ECHO is for DICOM peers", file=sys.stderr)
+            return EXIT_ERROR
         code, text = ops.echo(peer.host, peer.port, peer.ae_title, peer.calling_aet,
                               args.timeout, args.json, tls_arguments(peer))
     else:

@@ -8,7 +8,6 @@ whatever directory the service is started from.
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -17,14 +16,17 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
-    ConfigDict,
+    Discriminator,
     Field,
     PlainValidator,
+    Tag,
     ValidationError,
     model_validator,
 )
 
+from .config_base import AETitle, Network, Section, TlsConfig, is_loopback  # noqa: F401
 from .errors import ConfigError
+from .sources import DicomwebDestination, Source, kind_of
 
 
 def default_state_dir() -> Path:
@@ -70,10 +72,6 @@ def _process_count(value: Any) -> int | str:
     raise ValueError(f"must be auto or a whole number from 0 to 64, got {value!r}")
 
 
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
 class ModelConfig(Section):
     name: Annotated[str, AfterValidator(_known_model)] = DEFAULT_MODEL
     # Default: <state_dir>/models, filled in when the whole config is validated.
@@ -100,36 +98,6 @@ class ConvertConfig(Section):
     voi_lut: bool = False
     modality_lut: bool = False
     fit: Literal["crop", "pad"] = "crop"
-
-
-def _ae_title(value: str) -> str:
-    if not value.strip() or len(value) > 16 or "\\" in value or not value.isprintable():
-        raise ValueError(f"must be 1 to 16 printable characters without a backslash, got {value!r}")
-    return value.strip()
-
-
-AETitle = Annotated[str, AfterValidator(_ae_title)]
-
-
-def _network(value: str) -> str:
-    try:
-        ipaddress.ip_network(value.strip(), strict=False)
-    except ValueError:
-        raise ValueError(f"{value!r} is not an IP address or network in CIDR notation "
-                         "(e.g. 10.1.2.3 or 10.1.2.0/24)") from None
-    return value.strip()
-
-
-Network = Annotated[str, AfterValidator(_network)]
-
-
-def is_loopback(host: str) -> bool:
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip()).is_loopback
-    except ValueError:
-        return False  # a host name: whatever it resolves to may be reachable from outside
 
 
 class PeerRule(Section):
@@ -208,22 +176,12 @@ class ScpConfig(Section):
         return self
 
 
-class TlsConfig(Section):
-    """DICOM over TLS to a destination: the peer's certificate is checked against ca_file
-    (and its host name, unless check_hostname is false); cert/key identify xrvd when the
-    peer asks for a client certificate."""
-
-    ca_file: Path
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    check_hostname: bool = True
-
-
 class Destination(Section):
     """A DICOM peer that receives the results (the PACS). Delivery itself comes with the
     report issue; `xrvd echo NAME` already tests the connection."""
 
     name: str = Field(min_length=1, max_length=64)
+    type: Literal["dimse"] = "dimse"
     ae_title: AETitle
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
@@ -353,7 +311,11 @@ class Config(Section):
     scp: ScpConfig = Field(default_factory=ScpConfig)
     watch: WatchConfig = Field(default_factory=WatchConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
-    destinations: list[Destination] = Field(default_factory=list)
+    destinations: list[Annotated[Annotated[Destination, Tag("dimse")] | Annotated[
+        DicomwebDestination, Tag("dicomweb")], Discriminator(kind_of)]] = Field(
+        default_factory=list)
+    # PACS a back-fill can query and retrieve from (`xrvd backfill --source NAME`).
+    sources: list[Source] = Field(default_factory=list)
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     study: StudyConfig = Field(default_factory=StudyConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
@@ -368,6 +330,22 @@ class Config(Section):
         if duplicates:
             raise ValueError(f"destination names must be unique; repeated: {duplicates}")
         return self
+
+    @model_validator(mode="after")
+    def _unique_source_names(self) -> Config:
+        names = [s.name for s in self.sources]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"source names must be unique; repeated: {duplicates}")
+        return self
+
+    def source(self, name: str) -> Source:
+        for candidate in self.sources:
+            if candidate.name == name:
+                return candidate
+        known = ", ".join(s.name for s in self.sources) or "none configured"
+        raise ConfigError("<config>", [f"sources: no source named {name!r} (known: {known}); "
+                                       "add it under sources: in the config"])
 
     def destination(self, name: str) -> Destination:
         for candidate in self.destinations:
@@ -474,7 +452,11 @@ def _fields_at(loc: tuple) -> list[str]:
 
 
 def _describe(err: dict[str, Any]) -> str:
-    loc = tuple(err["loc"])
+    # An entry of sources: or destinations: is validated as its `type:`, which pydantic puts
+    # in the path (destinations.0.dimse.port); the config has no such key.
+    loc = tuple(part for n, part in enumerate(err["loc"])
+                if not (n and isinstance(err["loc"][n - 1], int) and part in ("dimse",
+                                                                              "dicomweb")))
     path = ".".join(str(part) for part in loc) or "(top level)"
     kind = err["type"]
     value = err.get("input")

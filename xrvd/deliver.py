@@ -18,6 +18,7 @@ from pynetdicom import AE
 
 from . import metrics
 from .config import Config, Destination
+from .sources import DicomwebDestination
 from .log import get_logger
 from .report.files import EncodedReport, EncodedReports
 from .store import Store
@@ -36,13 +37,15 @@ def tls_arguments(destination: Destination):
     return context, destination.host if tls.check_hostname else None
 
 
-def send_report(path: str, destination: Destination, timeout: float,
+def send_report(path: str, destination: Destination | DicomwebDestination, timeout: float,
                 reports: EncodedReports | None = None) -> tuple[bool, str]:
-    """One C-STORE of one report in the destination's SR flavour: (stored, what happened).
-    reports: the reports read for sending so far (the file is read there once, for every
-    destination and attempt); without it the file is read for this send alone."""
+    """One C-STORE (or STOW-RS) of one report in the destination's SR flavour: (stored, what
+    happened). reports: the reports read for sending so far (the file is read there once, for
+    every destination and attempt); without it the file is read for this send alone."""
     encoded = reports.get(path) if reports is not None else EncodedReport(path)
     report = encoded.dataset(destination.sr_flavour)
+    if destination.type == "dicomweb":
+        return stow_report(report, destination, timeout)
     ae = AE(ae_title=destination.calling_aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
@@ -72,6 +75,28 @@ def send_report(path: str, destination: Destination, timeout: float,
     if code in SUCCESS_STATUSES:
         return True, f"status 0x{code:04X}"
     return False, f"C-STORE failed with status 0x{code:04X}{comment}"
+
+
+def stow_report(report, destination: DicomwebDestination, timeout: float) -> tuple[bool, str]:
+    """STOW-RS of one report: stored when the server lists it in ReferencedSOPSequence (a
+    FailedSOPSequence entry, or an HTTP error, says why not)."""
+    from .web import client, describe_http_error
+
+    try:
+        response = client(destination.url, destination.auth, destination.tls,
+                          timeout).store_instances([report])
+    except Exception as exc:  # noqa: BLE001 - every failure is one failed attempt
+        _reason, _retry, detail = describe_http_error(exc)
+        return False, f"STOW-RS failed: {detail}"
+    failed = response.get("FailedSOPSequence") if response is not None else None
+    if failed:
+        reason = failed[0].get("FailureReason")
+        return False, f"STOW-RS refused the report (failure reason {reason})"
+    stored = response.get("ReferencedSOPSequence") if response is not None else None
+    if stored and any(item.get("ReferencedSOPInstanceUID") == report.SOPInstanceUID
+                      for item in stored):
+        return True, "STOW-RS stored"
+    return False, "STOW-RS answered without listing the report as stored"
 
 
 class Deliverer:

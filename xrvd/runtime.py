@@ -94,13 +94,14 @@ class Runtime:
             self.worker.submit = self.pool
         return self.worker
 
-    def listen(self) -> None:
-        """The ways in of a service: the DICOM listener and the drop folder, as configured."""
+    def listen(self, *, watch: bool = True) -> None:
+        """The ways in of a service: the DICOM listener and the drop folder, as configured
+        (a back-fill by C-MOVE needs the listener alone)."""
         config = self.config
         if config.scp.enabled:
             self.scp = StorageSCP(config.scp, self.store, self.reserve)
             self.scp.start()
-        if config.watch.enabled:
+        if watch and config.watch.enabled:
             self.watcher = DropFolderWatcher(config.watch, self.store, self.reserve)
             self.watcher.start()
 

@@ -340,13 +340,22 @@ def _verdict(prepared: Prepared, selected: str) -> tuple[str, str, str]:
 
 def run_backfill(config: Config, request: BackfillRequest,
                  log_level: str | None = None) -> int:
+    out = configure_output(config, request.dry_run, log_level)
+    backfill = Backfill(config, request, out)
+    if request.dry_run:
+        return backfill.dry_run()
+    return interruptible(backfill.run)
+
+
+def configure_output(config: Config, dry_run: bool, log_level: str | None) -> TextIO:
     """On a terminal: a progress bar and the summary table. Otherwise (a service, a pipe): JSON
     events on stdout, `backfill.progress` every 10 s, and the table on stderr. log_level (the
-    command line's --log-level) overrides the default level of either."""
+    command line's --log-level) overrides the default level of either. Returns where the
+    table goes."""
     interactive = sys.stderr.isatty()
     # A dry run writes nothing, not even the salt: it reads it if there is one.
-    salt = log.load_salt(config.state_dir, create=not request.dry_run)
-    if interactive or request.dry_run:
+    salt = log.load_salt(config.state_dir, create=not dry_run)
+    if interactive or dry_run:
         log.configure(log_level or "warning", "console", stream="stderr",
                       include_patient_identifiers=config.log.include_patient_identifiers,
                       salt=salt)
@@ -354,13 +363,14 @@ def run_backfill(config: Config, request: BackfillRequest,
         log.configure(log_level or config.log.level, config.log.format,
                       include_patient_identifiers=config.log.include_patient_identifiers,
                       salt=salt)
-    out = sys.stdout if interactive or request.dry_run else sys.stderr
-    backfill = Backfill(config, request, out)
-    if request.dry_run:
-        return backfill.dry_run()
+    return sys.stdout if interactive or dry_run else sys.stderr
+
+
+def interruptible(run: Callable[[], int]) -> int:
+    """SIGTERM stops a run as Ctrl-C does: the summary says what is left."""
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return backfill.run()
+        return run()
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -18,7 +18,8 @@ def status(config: Config, as_json: bool) -> str:
     report["xrvd_version"] = __version__
     sent = report.pop("deliveries")
     report["destinations"] = [
-        {"name": d.name, "ae_title": d.ae_title, "host": d.host, "port": d.port,
+        {"name": d.name, **({"url": d.url} if d.type == "dicomweb" else
+                            {"ae_title": d.ae_title, "host": d.host, "port": d.port}),
          **sent.get(d.name, {"sent": 0, "pending": 0, "failed": 0, "last_error": None})}
         for d in config.destinations]
     if as_json:
@@ -43,11 +44,18 @@ def status(config: Config, as_json: bool) -> str:
         lines.append(f"last run:  {run['model']} ({run['weights_sha256'][:12]}), "
                      f"{run['finished_ago_s']:.0f} s ago")
     for destination in report["destinations"]:
-        lines.append(f"dest:      {destination['name']} = {destination['ae_title']}@"
-                     f"{destination['host']}:{destination['port']}: {destination['sent']} sent, "
+        where = destination.get("url") or \
+            f"{destination['ae_title']}@{destination['host']}:{destination['port']}"
+        lines.append(f"dest:      {destination['name']} = {where}: {destination['sent']} sent, "
                      f"{destination['pending']} pending, {destination['failed']} failed"
                      + (f"; last error: {destination['last_error']}"
                         if destination["last_error"] else ""))
+    for name, source in report["sources"].items():
+        studies = source["studies"]
+        lines.append(f"source:    {name}: days {source['first_day']} to {source['last_day']} "
+                     f"queried ({source['days_queried']}); studies " + (", ".join(
+                         f"{n} {state}" for state, n in sorted(studies.items())) or "none")
+                     + f"; {source['instances_retrieved']} instances retrieved")
     for failure in report["failed_studies"]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(failure["since"]))
         lines.append(f"FAILED     {failure['study_instance_uid']} after "

@@ -167,11 +167,15 @@ def _tls_failure(exc: ssl.SSLError) -> tuple[str, str]:
 
 class BoundedSocket(AssociationSocket):
     """An acceptor's socket that starts with the association request already read (as the
-    server's gate checked it) and bounds every later PDU in size and time."""
+    server's gate checked it), or a requestor's (client_socket None: it connects to
+    `address`), that bounds every PDU the peer sends in size and time."""
 
-    def __init__(self, assoc, client_socket: socket.socket, first_pdu: bytes,
-                 limits: NetLimits, on_drop: DropHandler, peer: str):
-        super().__init__(assoc, client_socket=client_socket)
+    def __init__(self, assoc, client_socket: socket.socket | None, first_pdu: bytes,
+                 limits: NetLimits, on_drop: DropHandler, peer: str, address=None):
+        if client_socket is None:
+            super().__init__(assoc, address=address)
+        else:
+            super().__init__(assoc, client_socket=client_socket)
         self._first = memoryview(first_pdu)
         self._limits = limits
         self._on_drop = on_drop

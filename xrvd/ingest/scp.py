@@ -86,6 +86,10 @@ class StorageSCP:
         # Received data sets stream into the spool's incoming folder, so that accepting an
         # instance is an fsync and a rename, never a copy.
         self.incoming = Incoming(store.incoming, config.max_instance_bytes, reserve)
+        self.receiver = Receiver(
+            store, self.incoming, self.log, kind="scp", association_key=self._key,
+            source_of=lambda event: f"scp:{event.assoc.requestor.ae_title}@"
+                                    f"{event.assoc.requestor.address}")
         self.apply_policy(config)
         self.config = config
         ae = AE(ae_title=config.ae_title)
@@ -213,6 +217,25 @@ class StorageSCP:
         self.log.warning(name, peer=peer, reason=reason, detail=detail)
 
     def _on_store(self, event) -> Dataset | int:
+        return self.receiver.on_store(event)
+
+
+class Receiver:
+    """What becomes of a data set a peer sends by C-STORE, to xrvd's listener or on a C-GET
+    association of xrvd's: stored and journaled (or refused with a status saying why) before
+    the response. `received(outcome, size)` is told of every instance stored."""
+
+    def __init__(self, store: Store, incoming: Incoming, log, *, kind: str,
+                 source_of, association_key, received=lambda outcome, size: None):
+        self.store = store
+        self.incoming = incoming
+        self.log = log
+        self.kind = kind  # the metrics' label: scp, retrieve
+        self.source_of = source_of  # event -> the journal's source
+        self.association_key = association_key
+        self.received = received
+
+    def on_store(self, event) -> Dataset | int:
         path = Path(event.dataset_path)
         try:
             return self._store(event, path)
@@ -237,10 +260,10 @@ class StorageSCP:
                            sop_instance_uid=sop_uid, calling_aet=calling)
             return _status(STATUS_OUT_OF_RESOURCES, _REFUSAL_COMMENTS[refusal.reason])
         size = path.stat().st_size
-        source = f"scp:{calling}@{event.assoc.requestor.address}"
+        source = self.source_of(event)
         try:
             outcome = self.store.store_file(path, source=source, move=True,
-                                            association=self._key(event.assoc))
+                                            association=self.association_key(event.assoc))
         except NotStorableError as exc:
             metrics.REFUSED.labels(exc.reason).inc()
             self.log.warning("instance.refused", reason=exc.reason, detail=str(exc),
@@ -253,9 +276,10 @@ class StorageSCP:
             return _status(STATUS_OUT_OF_RESOURCES, "cannot store the instance now")
         name = "instance.duplicate" if outcome.status == "duplicate" else "instance.stored"
         (metrics.DUPLICATES if outcome.status == "duplicate"
-         else metrics.RECEIVED.labels("scp")).inc()
+         else metrics.RECEIVED.labels(self.kind)).inc()
         self.log.info(name, sop_instance_uid=sop_uid, study_instance_uid=outcome.study_uid,
                       status=outcome.status, size=size, calling_aet=calling,
                       duration_s=round(time.perf_counter() - started, 4))
         note_skipped(self.log, outcome)
+        self.received(outcome, size)
         return STATUS_SUCCESS

@@ -26,6 +26,13 @@ class ClaimsMixin:
             self._open_associations.pop(key, None)
             self._work.notify_all()
 
+    def hold_study(self, key: str, study_uid: str) -> None:
+        """Keep a study from settling while something still brings it instances that do not
+        arrive on one association of ours (a C-MOVE: the PACS may open several); released
+        with association_closed(key)."""
+        with self._lock:
+            self._open_associations.setdefault(key, set()).add(study_uid)
+
     def _note_association(self, key: str | None, study_uid: str) -> None:
         if key is not None:
             with self._lock:

@@ -13,7 +13,8 @@ States:
   run:      one per (study, model, weights, generation): started -> done
 
 Store is composed of one mixin per concern: journal.py (ingest), claims.py (the worker's
-studies and runs), deliveries.py, archive.py (back-fill in place), retention.py.
+studies and runs), deliveries.py, archive.py (back-fill in place), retention.py, sources.py (PACS
+back-fill).
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ from .deliveries import DeliveriesMixin
 from .journal import JournalMixin, transition_source
 from .records import SCHEMA, NotStorableError, StoreError, journal_path, migrate
 from .retention import RetentionMixin
+from .sources import SourcesMixin
 
 __all__ = ["Store", "transition_source"]
 
 
-class Store(JournalMixin, ClaimsMixin, DeliveriesMixin, ArchiveMixin, RetentionMixin):
+class Store(JournalMixin, ClaimsMixin, DeliveriesMixin, ArchiveMixin, RetentionMixin,
+            SourcesMixin):
     def __init__(self, state_dir: Path, rules: SelectRules | None = None):
         self.state_dir = Path(state_dir)
         # Decides each instance's verdict as it is journaled; the runtime assigns the new

@@ -16,6 +16,12 @@ class DeliveriesMixin:
                 "d.state = 'pending' AND d.next_attempt_at <= ? ORDER BY d.next_attempt_at "
                 "LIMIT ?", (destination, time.time(), limit)).fetchall()
 
+    def deliveries_pending(self) -> int:
+        """Reports still to be sent to some destination (being retried included)."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT COUNT(*) FROM deliveries WHERE state = 'pending'").fetchone()[0]
+
     def next_delivery_in(self, destination: str) -> float | None:
         with self._lock:
             row = self._db.execute(

@@ -91,6 +91,32 @@ CREATE TABLE IF NOT EXISTS archive_files (
     reason TEXT,
     seen_at REAL NOT NULL
 );
+-- A PACS back-fill (`xrvd backfill --source`): the days it has queried, and every study it
+-- found there with what became of it, so that a rerun or a kill -9 goes on where it stopped
+-- and never retrieves a study twice.
+CREATE TABLE IF NOT EXISTS source_days (
+    source TEXT NOT NULL,
+    day TEXT NOT NULL,  -- YYYYMMDD
+    modalities TEXT NOT NULL,  -- what the query asked for, e.g. CR,DX
+    studies INTEGER NOT NULL,
+    windows INTEGER NOT NULL,  -- queries it took (a window is split at the result cap)
+    queried_at REAL NOT NULL,
+    PRIMARY KEY (source, day, modalities)
+);
+CREATE TABLE IF NOT EXISTS source_studies (
+    source TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    day TEXT NOT NULL,
+    state TEXT NOT NULL,  -- found | retrieved | not_retrieved | failed
+    reason TEXT,  -- not_retrieved: no_series | already_reported; failed: the last error
+    series TEXT,  -- the series retrieved, backslash-separated
+    instances INTEGER NOT NULL DEFAULT 0,  -- instances the PACS sent
+    bytes INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    not_before REAL NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (source, study_uid)
+);
 """
 
 # Columns added after the first release: (table, column, declaration). Journals written by an

@@ -43,6 +43,7 @@ def read_status(state_dir: Path) -> dict:
             "path NOT LIKE '/%'").fetchone()
         last_run = db.execute("SELECT model, weights_sha256, finished_at FROM runs "
                               "WHERE state = 'done' ORDER BY finished_at DESC LIMIT 1").fetchone()
+        sources = _sources(db)
     finally:
         db.close()
     now = time.time()
@@ -63,4 +64,27 @@ def read_status(state_dir: Path) -> dict:
         "last_run": None if last_run is None else {
             "model": last_run[0], "weights_sha256": last_run[1],
             "finished_ago_s": round(now - last_run[2], 1)},
+        "sources": sources,
     }
+
+
+def _sources(db) -> dict[str, dict]:
+    """Each PACS back-fill's position: the days queried (first, last, how many) and its
+    studies by state."""
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "source_days" not in tables:  # a journal from before PACS back-fills
+        return {}
+    found: dict[str, dict] = {}
+    for source, first, last, count in db.execute(
+            "SELECT source, MIN(day), MAX(day), COUNT(*) FROM source_days GROUP BY source"):
+        found[source] = {"days_queried": count, "first_day": first, "last_day": last,
+                         "studies": {}, "instances_retrieved": 0}
+    for source, state, count, instances in db.execute(
+            "SELECT source, state, COUNT(*), COALESCE(SUM(instances), 0) FROM source_studies "
+            "GROUP BY source, state"):
+        entry = found.setdefault(source, {"days_queried": 0, "first_day": None,
+                                          "last_day": None, "studies": {},
+                                          "instances_retrieved": 0})
+        entry["studies"][state] = count
+        entry["instances_retrieved"] += instances
+    return found
