@@ -6,8 +6,8 @@
 2. retrieve: each study found is listed by series and only the wanted modalities' series are
    retrieved (C-GET or C-MOVE), paced by the source's schedule, rate and back-off; a study
    this model and these weights already reported is never asked for again.
-3. classify and report: the runtime's worker (as in `xrvd serve`) takes each study once its
-   retrieval is over, and the deliverer sends the reports to the destinations before the run
+3. classify and report: the runtime's worker (as in `xrvd serve`, in its own thread) takes
+   each study once its retrieval is over, while the next one is retrieved, and the deliverer sends the reports to the destinations before the run
    ends (they are journaled; whatever is left goes with the next run or `xrvd serve`).
 
 Interrupted (Ctrl-C, SIGTERM, kill -9), the same command goes on where it stopped: days are
@@ -144,7 +144,6 @@ class SourceBackfill:
         started = 0
         due = store.source_studies_due(self.source.name, self.first_day, self.last_day)
         progress.start_phase("retrieve", len(due))
-        round_size = max(self.config.model.batch_size, 4 * max(self.request.workers, 1))
         paused_logged = [0.0]
 
         def pause(seconds: float) -> None:
@@ -176,10 +175,11 @@ class SourceBackfill:
                 if limit is not None and started >= limit and not in_flight:
                     break
                 done, in_flight = concurrent.futures.wait(
-                    in_flight, timeout=0.2, return_when=concurrent.futures.FIRST_COMPLETED)
+                    in_flight, timeout=1.0, return_when=concurrent.futures.FIRST_COMPLETED)
                 for future in done:
                     future.result()  # SourceUnavailable, a fatal RetrieveError: stop the run
-                worker.step(0.0, round_size, worker.submit)  # classify what is in
+                if not worker.alive():
+                    raise RuntimeError("the worker stopped; see worker.error in the log")
                 if not due and not in_flight:
                     waiting = store.source_next_retry_in(self.source.name, self.first_day,
                                                          self.last_day)
@@ -252,10 +252,10 @@ class SourceBackfill:
     # --- the rest of the work ----------------------------------------------------------------
 
     def finish(self, store: Store, worker: Worker, runtime: Runtime) -> None:
-        """Classify every study retrieved, then wait (a while) for the reports to go out."""
-        round_size = max(self.config.model.batch_size, 4 * max(self.request.workers, 1))
-        while worker.step(0.0, round_size, worker.submit) or store.open_studies():
-            if self.stop.is_set():
+        """Wait for the worker to classify every study retrieved, then (a while) for the
+        reports to go out."""
+        while store.unfinished_studies() and worker.alive():
+            if self.stop.wait(0.2):
                 raise KeyboardInterrupt
         if runtime.deliverer is None:
             return
@@ -271,7 +271,10 @@ class SourceBackfill:
         return listen
 
     def run(self) -> int:
-        config = self.config
+        # A study is complete when its retrieval is over (the retrieval holds it till then):
+        # the worker takes it at once, in its own thread, while the next one is retrieved.
+        config = self.config.model_copy(update={
+            "study": self.config.study.model_copy(update={"settle_seconds": 0.0})})
         runtime = Runtime(config, "backfill", processes=self.request.workers)
         progress = Progress(sys.stderr.isatty())
         started = time.monotonic()
@@ -289,6 +292,7 @@ class SourceBackfill:
                 runtime.listen(watch=False)  # the PACS sends to xrvd's own listener
             worker = runtime.engine(deliver=bool(config.destinations),
                                     on_event=self._on_event(progress))
+            worker.start()
             client = make_client(self.source, runtime.store,
                                  max_instance_bytes=config.scp.max_instance_bytes,
                                  reserve=runtime.reserve)
