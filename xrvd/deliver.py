@@ -80,11 +80,11 @@ def send_report(path: str, destination: Destination | DicomwebDestination, timeo
 def stow_report(report, destination: DicomwebDestination, timeout: float) -> tuple[bool, str]:
     """STOW-RS of one report: stored when the server lists it in ReferencedSOPSequence (a
     FailedSOPSequence entry, or an HTTP error, says why not)."""
-    from .web import client, describe_http_error
+    from .web import client, describe_http_error, session
 
     try:
-        response = client(destination.url, destination.auth, destination.tls,
-                          timeout).store_instances([report])
+        response = client(destination.url, session(destination.auth, destination.tls,
+                                                    timeout)).store_instances([report])
     except Exception as exc:  # noqa: BLE001 - every failure is one failed attempt
         _reason, _retry, detail = describe_http_error(exc)
         return False, f"STOW-RS failed: {detail}"

@@ -18,7 +18,13 @@ from .. import metrics
 from ..log import get_logger
 from ..sources import DicomwebSource
 from ..store import NotStorableError, Store, StoreError
+from ..web import Bounds, client, describe_http_error, session
 from .retrieve import DayQuery, FoundSeries, FoundStudy, Retrieved, RetrieveError, split_day
+
+# A series whose instance count the archive did not give is read up to this many instances.
+MAX_UNCOUNTED_INSTANCES = 100
+# A part's own headers (Content-Type, Content-Location) before the instance's bytes.
+PART_HEADER_BYTES = 64 << 10
 
 STUDY_UID, SERIES_UID, MODALITY = "0020000D", "0020000E", "00080060"
 MODALITIES_IN_STUDY, SERIES_INSTANCES = "00080061", "00201209"
@@ -36,18 +42,15 @@ def _first(item: dict, tag: str) -> str:
 class DicomwebClient:
     def __init__(self, source: DicomwebSource, store: Store | None = None,
                  max_instance_bytes: int = 512 << 20):
-        from ..web import client
-
         self.source = source
         self.store = store
         self.max_instance_bytes = max_instance_bytes
         self.log = get_logger(component="retrieve", source=source.name)
         self.modalities_in_study = source.modalities_in_study != "no"
-        self._client = client(source.url, source.auth, source.tls, source.timeout_seconds)
+        self._session = session(source.auth, source.tls, source.timeout_seconds)
+        self._client = client(source.url, self._session)
 
     def _call(self, what: str, function, *args, **kwargs):
-        from ..web import describe_http_error
-
         try:
             return function(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - typed for the back-off below
@@ -105,29 +108,32 @@ class DicomwebClient:
         assert self.store is not None
         key = f"retrieve-web-{id(series):x}-{study_uid}"
         self.store.hold_study(key, study_uid)
-        instances = size = failed = 0
+        counted = {"instances": 0, "bytes": 0, "failed": 0}
         try:
             for one in series:
-                datasets = self._call(
-                    "WADO-RS", self._client.iter_series, study_instance_uid=study_uid,
-                    series_instance_uid=one.series_uid,
-                    media_types=(("application/dicom", "*"),))
-                while True:
-                    try:
-                        ds = self._call("WADO-RS", next, datasets, None)
-                    except RetrieveError:
-                        raise
-                    if ds is None:
-                        break
-                    written = self._store(ds, key)
-                    if written is None:
-                        failed += 1
-                    else:
-                        instances += 1
-                        size += written
+                # A part is an instance: none is held whole past max_instance_bytes, and the
+                # series' reply is no longer than the instances the query announced.
+                expected = one.instances or MAX_UNCOUNTED_INSTANCES
+                bounds = Bounds(total_bytes=(expected + 1) * self.max_instance_bytes,
+                                part_bytes=self.max_instance_bytes + PART_HEADER_BYTES)
+                with self._session.bounded(bounds):
+                    self._retrieve_series(study_uid, one.series_uid, key, counted)
         finally:
             self.store.association_closed(key)
-        return Retrieved(instances, size, failed)
+        return Retrieved(counted["instances"], counted["bytes"], counted["failed"])
+
+    def _retrieve_series(self, study_uid: str, series_uid: str, key: str,
+                         counted: dict[str, int]) -> None:
+        datasets = self._call("WADO-RS", self._client.iter_series,
+                              study_instance_uid=study_uid, series_instance_uid=series_uid,
+                              media_types=(("application/dicom", "*"),))
+        while (ds := self._call("WADO-RS", next, datasets, None)) is not None:
+            written = self._store(ds, key)
+            if written is None:
+                counted["failed"] += 1
+            else:
+                counted["instances"] += 1
+                counted["bytes"] += written
 
     def _store(self, ds: Dataset, key: str) -> int | None:
         """Journal one retrieved instance; its size, or None when it was refused (logged)."""
