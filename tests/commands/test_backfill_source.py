@@ -71,6 +71,15 @@ def test_backfill_by_c_get_annotates_the_pacs(tmp_path, pacs, ready_weights, cap
     status = capsys.readouterr().out
     assert f"{len(pacs.archive.chest_studies)} retrieved" in status and "source:    pacs" in status
 
+    # Now a dry run reads the journal: nothing would be retrieved, and it says why.
+    assert main(["backfill", "-c", str(config), "--source", "pacs", "--since", SINCE,
+                 "--until", UNTIL, "--dry-run"]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines()
+              if line.startswith(("retrieve ", "skip "))]
+    assert not [line for line in listed if line.startswith("retrieve ")]
+    assert {line.split()[2] for line in listed if f"reported before by {MODEL}" in line} == \
+        pacs.archive.chest_studies
+
     # Everything is done: a second run asks the PACS for no study again.
     again = backfill(config, tmp_path)
     assert again.wait(timeout=300) == 0, again.stderr[-3000:]

@@ -32,9 +32,12 @@ from ..config import Config
 from ..errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL
 from ..events import Tally, WorkEvent
 from ..ingest.retrieve import Pacer, RetrieveError, make_client
+from ..pipeline.registry import get_spec
+from ..pipeline.trust import sha256
+from ..pipeline.weights import weights_path
 from ..runtime import Runtime
 from ..sources import Source
-from ..store import Store
+from ..store import Store, earlier_outcomes
 from ..worker import Worker
 from .backfill import configure_output, interruptible
 from .progress import Progress, print_table
@@ -368,14 +371,20 @@ class SourceBackfill:
 
     def dry_run(self) -> int:
         """Query the PACS (nothing is journaled, nothing retrieved) and list each study found
-        with what the run would do and why."""
+        with what the run would do and why; a study the journal shows as retrieved or
+        reported before is not asked for its series."""
         client = make_client(self.source)
+        weights_sha256 = self._installed_weights_sha256()
         actions: Counter[str] = Counter()
         for day in days(self.request.since, self.request.until):
-            found = client.find_studies(day)
-            for study in found.studies:
-                series = client.find_series(study.study_uid)
-                if series:
+            studies = client.find_studies(day).studies
+            earlier = earlier_outcomes(self.config.state_dir, self.source.name,
+                                       [s.study_uid for s in studies], self.config.model.name,
+                                       weights_sha256)
+            for study in studies:
+                if study.study_uid in earlier:
+                    action, detail = "skip", earlier[study.study_uid]
+                elif series := client.find_series(study.study_uid):
                     action, detail = "retrieve", ", ".join(
                         f"{s.modality} series ({s.instances if s.instances is not None else '?'}"
                         " instances)" for s in series)
@@ -387,6 +396,12 @@ class SourceBackfill:
         print_table(rows or [("studies found", "0")], self.out,
                     "xrvd backfill --dry-run: nothing was retrieved, classified or journaled")
         return EXIT_OK
+
+    def _installed_weights_sha256(self) -> str | None:
+        """The sha256 the run will report under (None when the weights are not installed:
+        a report by this model with any weights then counts)."""
+        path = weights_path(get_spec(self.config.model.name), self.config.weights_dir)
+        return sha256(path) if path.is_file() else None
 
 
 def run_source_backfill(config: Config, request: SourceRequest,

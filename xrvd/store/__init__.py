@@ -2,7 +2,7 @@
 
 from .core import Store
 from .records import InstanceRow, NotStorableError, StoreError, StoreOutcome, StudyClaim
-from .status import read_status
+from .status import earlier_outcomes, read_status
 
 __all__ = ["InstanceRow", "NotStorableError", "Store", "StoreError", "StoreOutcome",
-           "StudyClaim", "read_status"]
+           "StudyClaim", "earlier_outcomes", "read_status"]

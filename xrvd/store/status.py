@@ -88,3 +88,39 @@ def _sources(db) -> dict[str, dict]:
         entry["studies"][state] = count
         entry["instances_retrieved"] += instances
     return found
+
+
+def earlier_outcomes(state_dir: Path, source: str, study_uids: list[str], model: str,
+                     weights_sha256: str | None) -> dict[str, str]:
+    """For `backfill --source --dry-run`: why a run would not retrieve each of these studies,
+    as far as the journal knows (empty where there is no journal yet). A study is reported
+    before when this model (with these weights, when known) reported it."""
+    db = open_read_only(state_dir)
+    if db is None:
+        return {}
+    outcomes: dict[str, str] = {}
+    try:
+        tables = {row[0] for row in db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        weights = "" if weights_sha256 is None else " AND runs.weights_sha256 = ?"
+        for start in range(0, len(study_uids), 500):  # SQLite's bound on parameters
+            chunk = study_uids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for uid, in db.execute(
+                    "SELECT DISTINCT studies.study_uid FROM runs JOIN studies ON studies.id = "
+                    f"runs.study_id WHERE studies.study_uid IN ({marks}) AND runs.model = ? "
+                    f"AND runs.state = 'done'{weights}",
+                    (*chunk, model, *([weights_sha256] if weights_sha256 else []))):
+                outcomes[uid] = f"reported before by {model}"
+            if "source_studies" not in tables:
+                continue
+            for uid, state, reason in db.execute(
+                    "SELECT study_uid, state, reason FROM source_studies WHERE source = ? AND "
+                    f"study_uid IN ({marks}) AND state != 'found'", (source, *chunk)):
+                outcomes.setdefault(uid, {
+                    "retrieved": "retrieved by an earlier run",
+                    "failed": f"failed in an earlier run ({(reason or '')[:120]})",
+                }.get(state, f"not retrieved by an earlier run ({reason})"))
+    finally:
+        db.close()
+    return outcomes
