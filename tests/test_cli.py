@@ -40,3 +40,6 @@ def test_check_config_prints_effective_config(tmp_path, capsys):
     assert effective["model"]["weights_dir"] == str(tmp_path / "models")
     assert effective["model"]["batch_size"] == 4  # a default, filled in
     assert effective["convert"] == {"voi_lut": False, "modality_lut": False, "fit": "crop"}
+    assert out.startswith("# install: full (PyTorch and TorchXRayVision installed")
+    assert f"# model densenet121-res224-all: nothing installed in {tmp_path / 'models'}" in out
+

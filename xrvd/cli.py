@@ -113,10 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="build a model's ONNX Runtime graph ahead of time (checked against PyTorch)",
         description="Export the model to ONNX beside its weights and check its scores against "
         "PyTorch's (within 1e-4), so that the daemon starts on ONNX Runtime without loading "
-        "torch. Prints the graph's path.")
+        "torch, and write its model package (NAME.xrvdmodel: the graph and a manifest), which "
+        "is all a service install without PyTorch needs. Prints the package's path.")
     onnx.add_argument("name", choices=list(MODELS), metavar="NAME")
     onnx.add_argument("--force", action="store_true",
                       help="export again even if a verified graph is cached")
+    onnx.add_argument("--output", type=Path, metavar="FILE",
+                      help="write the model package here (default: installed beside the "
+                      "weights as NAME.xrvdmodel)")
+    package = models_sub.add_parser(
+        "import-package", parents=[common],
+        help="install a model package carried in from a full install (service installs)",
+        description="Verify a model package written by `xrvd models export` (structure, "
+        "sha256, and its graph run on the check input against PyTorch's recorded scores) and "
+        "install it beside the weights: a service install without PyTorch scores from it.")
+    package.add_argument("file", type=Path, metavar="FILE")
 
     status = sub.add_parser("status", parents=[common],
                             help="what the journal says: counts, queue, failures (read-only)")
@@ -205,7 +216,20 @@ def _dispatch(args: argparse.Namespace) -> int:
     from .config import load_config
 
     if args.command == "check-config":
+        from .pipeline.models import install_kind
+        from .pipeline.package import package_path
+        from .pipeline.registry import get_spec
+        from .pipeline.weights import weights_path
+
         config = load_config(args.file)
+        kind, can = install_kind()
+        spec = get_spec(config.model.name)
+        found = [f"{what} {path}" for what, path in (
+            ("model package", package_path(spec, config.weights_dir)),
+            ("weights", weights_path(spec, config.weights_dir))) if path.is_file()]
+        print(f"# install: {kind} ({can})")
+        print(f"# model {spec.name}: " + (", ".join(found) if found else
+                                          f"nothing installed in {config.weights_dir} yet"))
         print(f"# {args.file}: valid. Effective configuration (defaults filled in):")
         print(config.to_yaml(), end="")
         return EXIT_OK
@@ -349,10 +373,20 @@ def _models(args: argparse.Namespace, config) -> int:
         return EXIT_OK
     if args.models_command == "export":
         record = modeladmin.export(args.name, config.weights_dir, threads=config.model.threads,
-                                   force=args.force, state_dir=config.state_dir)
+                                   force=args.force, state_dir=config.state_dir,
+                                   output=args.output)
         print(f"{args.name}: ONNX graph verified against PyTorch (max abs diff "
-              f"{record['max_abs_diff']:.1e}) at:", file=sys.stderr)
-        print(record["path"])
+              f"{record['max_abs_diff']:.1e}) at {record['path']}; model package (sha256 "
+              f"{record['package_sha256'][:16]}...) at:", file=sys.stderr)
+        print(record["package"])
+        return EXIT_OK
+    if args.models_command == "import-package":
+        path, manifest = modeladmin.import_package(args.file, config.weights_dir,
+                                                   threads=config.model.threads,
+                                                   state_dir=config.state_dir)
+        print(f"{manifest['model']}: model package verified (weights sha256 "
+              f"{manifest['weights_sha256'][:16]}..., exported with {manifest['exporter']}) "
+              f"and installed at {path}")
         return EXIT_OK
     path = modeladmin.import_weights(args.name, args.file, config.weights_dir,
                                      state_dir=config.state_dir)

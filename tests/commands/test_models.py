@@ -57,19 +57,21 @@ def test_models_export_command(weights_copy, allow_untrained, tmp_path, capsys):
     config.write_text(f"state_dir: {tmp_path / 'state'}\nmodel:\n  weights_dir: {folder}\n")
     assert main(["models", "export", EXPORTED, "-c", str(config)]) == 0
     out, err = capsys.readouterr()
-    path = out.strip()
-    assert path.endswith(".onnx") and os.path.dirname(path) == str(folder)
+    installed = folder / f"{EXPORTED}.xrvdmodel"
+    assert out.strip() == str(installed)
     assert "verified against PyTorch" in err
+    path = err.split(" at ")[1].split(";")[0]
+    assert path.endswith(".onnx") and os.path.dirname(path) == str(folder)
     record = json.loads(open(path + ".json").read())
     assert record["verified"] is True and record["max_abs_diff"] <= 1e-4
     assert record["weights_sha256"] == hashlib.sha256(
         (folder / get_spec(EXPORTED).weights_file).read_bytes()).hexdigest()
     written = os.stat(path).st_mtime_ns, os.stat(path + ".json").st_mtime_ns
     assert main(["models", "export", EXPORTED, "-c", str(config)]) == 0  # found, not rebuilt
-    assert capsys.readouterr().out.strip() == path
+    assert capsys.readouterr().out.strip() == str(installed)
     assert (os.stat(path).st_mtime_ns, os.stat(path + ".json").st_mtime_ns) == written
     assert main(["models", "export", EXPORTED, "--force", "-c", str(config)]) == 0
-    assert capsys.readouterr().out.strip() == path
+    assert capsys.readouterr().out.strip() == str(installed)
     assert os.stat(path + ".json").st_mtime_ns != written[1]
     # The daemon's way in finds it too: the command recorded it in the state directory.
     from xrvd.pipeline.weights import TrustedHashes

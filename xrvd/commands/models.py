@@ -1,5 +1,6 @@
-"""`xrvd models list|fetch|import|export`: what is installed, getting weights in place, and
-building the ONNX Runtime graphs ahead of time.
+"""`xrvd models list|fetch|import|export|import-package`: what is installed, getting weights
+in place, building the ONNX Runtime graphs ahead of time, and the model packages a service
+install scores from without PyTorch (pipeline/package.py).
 
 `state_dir` is where the record of installed weights and exported graphs lives
 (trust.TrustedHashes): `fetch` and `import` record what they install, `export` records the
@@ -12,7 +13,8 @@ import json
 from pathlib import Path
 
 from ..errors import WeightsChangedError, WeightsError, WeightsUnsafeError
-from ..pipeline import trust, weights
+from ..log import get_logger
+from ..pipeline import package, trust, weights
 from ..pipeline.registry import MODELS, get_spec
 
 
@@ -37,6 +39,8 @@ def list_models(weights_dir: Path, *, verify: bool = False,
             "weights_path": str(path),
             "present": present,
             "size_bytes": path.stat().st_size if present else None,
+            "package": str(package.package_path(spec, weights_dir))
+            if package.package_path(spec, weights_dir).is_file() else None,
         }
         if verify and present:
             try:
@@ -68,9 +72,11 @@ def render_list(rows: list[dict], weights_dir: Path, as_json: bool) -> str:
             state = f"{r['status'].split(':')[0]} ({r['size_bytes'] / 1e6:.1f} MB)"
         else:
             state = f"missing ({r['weights_file']})"
+        if r["package"]:
+            state += f"; model package {Path(r['package']).name}"
         lines.append(f"{r['name']:<{name_w}}  {r['architecture']:<{arch_w}}  "
                      f"{r['resolution']:>3}  {len(r['labels']):>6}  {state}")
-    missing = [r["name"] for r in rows if not r["present"]]
+    missing = [r["name"] for r in rows if not r["present"] and not r["package"]]
     if missing:
         lines.append("")
         lines.append("Get missing weights with `xrvd models fetch NAME`, or offline with "
@@ -91,8 +97,10 @@ def import_weights(name: str, source: Path, weights_dir: Path, *,
 
 
 def export(name: str, weights_dir: Path, *, threads: int = 0, force: bool = False,
-           state_dir: Path | None = None) -> dict:
-    """Build (or find) the verified ONNX graph of a model; its sidecar record plus `path`.
+           state_dir: Path | None = None, output: Path | None = None) -> dict:
+    """Build (or find) the verified ONNX graph of a model and write its model package (to
+    `output`, or installed beside the weights); the graph's sidecar record plus `path` (the
+    graph), `package` and `package_sha256`.
 
     Untrained weights are exported only where running them is allowed (see untrained.py)."""
     from ..cpus import available_cpus
@@ -101,6 +109,7 @@ def export(name: str, weights_dir: Path, *, threads: int = 0, force: bool = Fals
     from ..pipeline.untrained import untrained_allowed_by_environment
 
     spec = get_spec(name)
+    threads = threads or available_cpus()
     trusted = _trusted(state_dir)
     path = weights.require(spec, weights_dir)
     checked = trust.check_recorded(spec, path, trusted)
@@ -109,21 +118,69 @@ def export(name: str, weights_dir: Path, *, threads: int = 0, force: bool = Fals
     allowed = untrained_allowed_by_environment()
     if cached.status == "verified" and not force:
         refuse_untrained(spec, path, cached.record.get("untrained"), allowed)
+        loaded = weights.load_network(spec, path, expected_sha256=digest)
         trust.record_first_use(spec, checked, trusted)
-        return {**cached.record, "path": str(cached.path)}
-    loaded = weights.load_network(spec, path, expected_sha256=digest)
-    refuse_untrained(spec, path, loaded.untrained, allowed)
-    trust.record_first_use(spec, checked, trusted)
-    built = onnxrt.build(spec, loaded.network, weights_path=path, weights_sha256=digest,
-                         untrained=loaded.untrained, threads=threads or available_cpus(),
-                         trusted=trusted)
-    if not built.verified:
-        difference = built.record["max_abs_diff"]
-        raise onnxrt.ExportError(
-            f"{name}: the ONNX graph's scores differ from PyTorch's by "
-            f"{'an unbounded amount' if difference is None else f'{difference:.2e}'} (more than "
-            f"{onnxrt.TOLERANCE}); xrvd runs this model with PyTorch (model.backend: torch)")
-    if built.path is None:
-        raise onnxrt.ExportError(f"{name}: cannot write the ONNX graph into {path.parent}; "
-                                 "make the weights folder writable and run this again")
-    return {**built.record, "path": str(built.path)}
+        record, graph, graph_path = cached.record, cached.graph, cached.path
+    else:
+        loaded = weights.load_network(spec, path, expected_sha256=digest)
+        refuse_untrained(spec, path, loaded.untrained, allowed)
+        trust.record_first_use(spec, checked, trusted)
+        built = onnxrt.build(spec, loaded.network, weights_path=path, weights_sha256=digest,
+                             untrained=loaded.untrained, threads=threads, trusted=trusted)
+        if not built.verified:
+            difference = built.record["max_abs_diff"]
+            raise onnxrt.ExportError(
+                f"{name}: the ONNX graph's scores differ from PyTorch's by "
+                f"{'an unbounded amount' if difference is None else f'{difference:.2e}'} (more "
+                f"than {onnxrt.TOLERANCE}); xrvd runs this model with PyTorch (model.backend: "
+                "torch), and no model package can be made of it")
+        if built.path is None:
+            raise onnxrt.ExportError(f"{name}: cannot write the ONNX graph into {path.parent}; "
+                                     "make the weights folder writable and run this again")
+        record, graph_path = built.record, built.path
+        graph = graph_path.read_bytes()
+    target, package_sha256 = _write_package(spec, loaded.network, graph, record, threads,
+                                            output or package.package_path(spec, weights_dir),
+                                            trusted)
+    return {**record, "path": str(graph_path), "package": str(target),
+            "package_sha256": package_sha256}
+
+
+def _write_package(spec, network, graph: bytes, record: dict, threads: int, target: Path,
+                   trusted: trust.TrustedHashes | None) -> tuple[Path, str]:
+    """The package of a verified graph, with PyTorch's scores on the check input (run again
+    here: the sidecar keeps only their difference)."""
+    from ..pipeline import onnxrt
+
+    batch = onnxrt.check_input(spec.resolution)
+    reference = onnxrt.torch_scores(network, batch)
+    difference = onnxrt.max_abs_diff(
+        onnxrt.Runner(graph, spec, threads=threads).run(batch), reference)
+    if not difference <= onnxrt.TOLERANCE:
+        raise onnxrt.ExportError(f"{spec.name}: the graph's scores differ from PyTorch's by "
+                                 f"{difference:.2e}; export again with --force")
+    manifest = package.build_manifest(
+        spec, graph, weights_sha256=record["weights_sha256"], untrained=record.get("untrained"),
+        torchxrayvision_version=record["torchxrayvision_version"], reference=reference,
+        difference=difference)
+    digest = package.write(target, manifest, graph)
+    if trusted is not None:
+        try:
+            trusted.record(target, digest, "export", weights_sha256=record["weights_sha256"])
+        except OSError as exc:  # the package is whole; it is recorded where it is imported
+            get_logger(model=spec.name).warning(
+                "package.not_recorded", path=str(target), record=str(trusted.path),
+                error=exc.strerror or str(exc))
+    return target, digest
+
+
+def import_package(source: Path, weights_dir: Path, *, threads: int = 0,
+                   state_dir: Path | None = None) -> tuple[Path, dict]:
+    """Verify a model package (its graph run on the check input) and install it beside the
+    weights; its installed path and manifest."""
+    from ..cpus import available_cpus
+
+    target, found = package.install(source, get_spec, weights_dir,
+                                    threads=threads or available_cpus(),
+                                    trusted=_trusted(state_dir))
+    return target, found.manifest

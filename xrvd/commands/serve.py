@@ -20,6 +20,7 @@ from pathlib import Path
 from .. import __version__, log, metrics
 from ..config import Config, load_config
 from ..errors import ConfigError, XrvdError
+from ..pipeline.models import install_kind
 from ..runtime import Runtime, worker_process_count
 from ..systemd import Notifier
 
@@ -76,7 +77,7 @@ class Daemon:
                           port=self.metrics_server.port)
         self.notifier.notify(READY=1, STATUS=self.status_line())
         self.log.info("daemon.ready", version=__version__, model=identity.name,
-                      watchdog_s=self.notifier.watchdog_seconds)
+                      install=install_kind()[0], watchdog_s=self.notifier.watchdog_seconds)
 
     def stop(self) -> None:
         self.notifier.notify(STOPPING=1, STATUS="stopping: finishing work in flight")

@@ -9,19 +9,21 @@ PyTorch runs on PyTorch, with a `model.backend_fallback` event that says why.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import UntrainedWeightsError
+from ..errors import UntrainedWeightsError, WeightsMissingError
 from ..cpus import available_cpus
 from ..log import get_logger
-from . import onnxrt
+from . import onnxrt, package
+from .package import PackageError, package_path
 from .registry import ModelSpec, get_spec
 from .untrained import ALLOW_UNTRAINED_ENV, untrained_allowed_by_environment
 from .trust import TrustedHashes, check_recorded, record_first_use
-from .weights import load_network, require
+from .weights import load_network, require, weights_path
 
 BACKENDS = ("auto", "onnxruntime", "torch")
 
@@ -58,6 +60,11 @@ class Classifier:
         """The TorchXRayVision network (torch.nn.Module). On the ONNX Runtime backend it is
         not loaded for inference; asking for it here loads it (with torch) from the weights."""
         if self._network is None:
+            if self._weights_path is None or not torch_installed():
+                raise WeightsMissingError(
+                    f"{self.spec.name} was loaded from its model package: the network itself "
+                    "needs PyTorch and the weights file (`xrvd models fetch` on a full "
+                    "install)")
             loaded = load_network(self.spec, self._weights_path,
                                   expected_sha256=self.identity.weights_sha256)
             self._network = loaded.network.to(self.device)
@@ -83,13 +90,24 @@ class Classifier:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         spec = get_spec(name)
-        path = require(spec, weights_dir, allow_download=allow_download,
-                       download_url=download_url, trusted=trusted)
         allowed = allow_untrained or untrained_allowed_by_environment()
         threads = threads or available_cpus()
+        log = get_logger(model=spec.name)
+        if backend != "torch" and package_path(spec, weights_dir).exists():
+            classifier = cls._load_package(spec, weights_dir, device=device, threads=threads,
+                                           allowed=allowed, log=log, trusted=trusted)
+            if classifier is not None:
+                return classifier
+        if not torch_installed():
+            raise WeightsMissingError(
+                f"{spec.name}: no model package at {package_path(spec, weights_dir)}, and this "
+                "install has no PyTorch to run the weights (a service install scores from model "
+                f"packages only). On a full install run `xrvd models export {spec.name}` and "
+                "bring the package here with `xrvd models import-package FILE`")
+        path = require(spec, weights_dir, allow_download=allow_download,
+                       download_url=download_url, trusted=trusted)
         checked = check_recorded(spec, path, trusted)
         weights_sha256 = checked.sha256
-        log = get_logger(model=spec.name)
         loaded = None
         if _choose_backend(backend, device, log) == "onnxruntime":
             classifier, loaded = cls._load_onnx(spec, path, weights_sha256, device=device,
@@ -110,6 +128,41 @@ class Classifier:
         identity = _identity(spec, weights_sha256, xrv.__version__, loaded.untrained)
         log.info("model.backend", backend="torch", device=device, threads=threads)
         return cls(spec, network, identity, device, backend="torch", weights_path=path)
+
+    @classmethod
+    def _load_package(cls, spec: ModelSpec, weights_dir: Path, *, device: str, threads: int,
+                      allowed: bool, log, trusted: TrustedHashes | None) -> Classifier | None:
+        """The model from its installed package, verified (package.py); None where the
+        weights beside it are other weights and PyTorch is here to run them instead."""
+        path = package_path(spec, weights_dir)
+        if not onnxrt.onnxruntime_installed():
+            if torch_installed():
+                return None
+            raise PackageError(f"{path}: ONNX Runtime is not installed to run it")
+        found = package.read(path)
+        package.check_recorded(found, trusted, log)
+        weights = weights_path(spec, weights_dir)
+        if weights.is_file():
+            digest = check_recorded(spec, weights, trusted).sha256
+            if digest != found.weights_sha256:
+                if not torch_installed():
+                    raise PackageError(
+                        f"{path} was exported from other weights than {weights} "
+                        f"(sha256 {found.weights_sha256[:16]}... against {digest[:16]}...), "
+                        "and this install has no PyTorch to run the weights: export the "
+                        "package again from these weights, or remove the one you do not want")
+                log.warning("model.package_ignored", path=str(path), weights=str(weights),
+                            reason="exported from other weights than the weights file's")
+                return None
+        refuse_untrained(spec, path, found.manifest.get("untrained"), allowed)
+        runner = package.verify(found, spec, threads=threads, device=device)
+        identity = _identity(spec, found.weights_sha256,
+                             found.manifest["torchxrayvision_version"],
+                             found.manifest.get("untrained"))
+        log.info("model.backend", backend="onnxruntime", source="package", path=str(path),
+                 device=device, threads=threads)
+        return cls(spec, None, identity, device, backend="onnxruntime", runner=runner,
+                   weights_path=weights if weights.is_file() else None)
 
     @classmethod
     def _load_onnx(cls, spec: ModelSpec, path: Path, weights_sha256: str, *, device: str,
@@ -213,6 +266,26 @@ def _identity(spec: ModelSpec, weights_sha256: str, xrv_version: str,
         torchxrayvision_version=xrv_version,
         untrained=bool(untrained),
     )
+
+
+def torch_installed() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
+def install_kind() -> tuple[str, str]:
+    """("full" or "service", what this install can do), for check-config and start-up."""
+    torch = torch_installed() and importlib.util.find_spec("torchxrayvision") is not None
+    ort = onnxrt.onnxruntime_installed()
+    if torch:
+        return "full", ("PyTorch and TorchXRayVision installed: every backend, weights files, "
+                        "`xrvd models export`" + ("" if ort else "; ONNX Runtime not installed: "
+                                                  "backend torch only"))
+    if ort:
+        return "service", ("PyTorch not installed: backend torch unavailable; models run on "
+                           "ONNX Runtime from model packages only (`xrvd models export` on a "
+                           "full install, then `xrvd models import-package`)")
+    return "incomplete", ("neither PyTorch nor ONNX Runtime is installed: no model can run; "
+                          "reinstall with `uv sync --locked`")
 
 
 def _fallback(log, reason: str, **details) -> None:
