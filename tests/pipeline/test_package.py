@@ -23,12 +23,26 @@ from xrvd.pipeline.trust import TrustedHashes
 NAME = "densenet121-res224-rsna"  # the quickest to export
 
 
-@pytest.fixture
-def exported(ready_weights, allow_untrained, tmp_path):
-    """(weights folder, package path): the session's untrained weights, graph and package."""
-    folder = ready_weights(NAME, recorded=False)
-    record = modeladmin.export(NAME, folder, threads=1)
+@pytest.fixture(scope="module")
+def exported_once(exported_weights, tmp_path_factory):
+    """(weights folder, package path, export record), exported once for the module from the
+    session's untrained weights and graph. Tests read it; changes go to copies."""
+    from xrvd.pipeline.untrained import ALLOW_UNTRAINED_ENV
+
+    source, graph = exported_weights(NAME)
+    folder = tmp_path_factory.mktemp("packaged")
+    for path in (source / get_spec(NAME).weights_file, graph,
+                 graph.with_name(graph.name + ".json")):
+        shutil.copy(path, folder / path.name)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(ALLOW_UNTRAINED_ENV, "yes-these-scores-are-meaningless")
+        record = modeladmin.export(NAME, folder, threads=1)
     return folder, package.package_path(get_spec(NAME), folder), record
+
+
+@pytest.fixture
+def exported(exported_once, allow_untrained):
+    return exported_once
 
 
 def batch() -> np.ndarray:
@@ -187,3 +201,10 @@ def test_without_torch_and_without_a_package_the_error_says_what_to_do(tmp_path,
     with pytest.raises(Exception, match="xrvd models import-package") as raised:
         Classifier.load(NAME, tmp_path, threads=1)
     assert f"xrvd models export {NAME}" in str(raised.value)
+
+
+def test_without_torch_the_torch_backend_says_so(exported, monkeypatch):
+    folder, _, _ = exported
+    monkeypatch.setattr(models_module, "torch_installed", lambda: False)
+    with pytest.raises(Exception, match="backend torch needs PyTorch"):
+        Classifier.load(NAME, folder, threads=1, allow_untrained=True, backend="torch")

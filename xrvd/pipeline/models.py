@@ -98,6 +98,10 @@ class Classifier:
                                            allowed=allowed, log=log, trusted=trusted)
             if classifier is not None:
                 return classifier
+        if not torch_installed() and backend == "torch":
+            raise WeightsMissingError(
+                f"{spec.name}: model.backend torch needs PyTorch, which this install does not "
+                "have (a service install); use backend auto or onnxruntime with a model package")
         if not torch_installed():
             raise WeightsMissingError(
                 f"{spec.name}: no model package at {package_path(spec, weights_dir)}, and this "
