@@ -41,6 +41,28 @@ def test_a_busy_day_is_split_until_each_reply_is_under_the_cap(pacs):
         uid for uid in archive.chest_studies if archive.studies[uid] == quiet_day}
 
 
+def test_xrvds_requests_go_out_without_nagles_delay_and_stock_sockets_are_untouched(pacs):
+    """A request is a command PDU and a data set PDU: with Nagle's algorithm the second waits
+    for the PACS's delayed ACK. TCP_NODELAY is set on xrvd's own sockets only."""
+    import socket
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    def nodelay(assoc) -> int:
+        return assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+    with client_for(pacs)._association([(Verification, None)]) as assoc:
+        assert nodelay(assoc)
+    stock = AE(ae_title="XRVD")
+    stock.add_requested_context(Verification)
+    assoc = stock.associate("127.0.0.1", pacs.orthanc.dicom_port, ae_title="ORTHANC")
+    try:
+        assert assoc.is_established and not nodelay(assoc)
+    finally:
+        assoc.release()
+
+
 def test_only_the_wanted_series_are_retrieved_by_c_get(pacs, tmp_path):
     archive = pacs.archive
     store = Store(tmp_path / "state")

@@ -181,6 +181,14 @@ class BoundedSocket(AssociationSocket):
         self._on_drop = on_drop
         self._peer = peer
 
+    def _create_socket(self, address):
+        sock = super()._create_socket(address)
+        # A request goes out as a command PDU and then a data set PDU; with Nagle's algorithm
+        # the second waits for the peer's delayed ACK of the first (40 ms on Linux): half of
+        # every C-FIND's time against Orthanc on loopback.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
     @property
     def ready(self) -> bool:
         return bool(self._first) or super().ready
