@@ -30,15 +30,14 @@ _warm_up_barrier = None
 
 
 def load_libraries() -> None:
-    """Import and initialise what the jobs use: torch (TorchXRayVision's resize) and
-    highdicom's tables, which it reads on first use. Done by the fork server before it forks
-    the processes (forkserver.py), so they share it, and again (at no cost then) by each
-    process as it starts, which loads its own copy where it was spawned."""
-    import torch
-
+    """Import and initialise what the jobs use: the conversion (pydicom, numpy, the resize's
+    weights) and highdicom's tables, which it reads on first use. Done by the fork server
+    before it forks the processes (forkserver.py), so they share it, and again (at no cost
+    then) by each process as it starts, which loads its own copy where it was spawned. No
+    torch: the resize is numpy's (pipeline/resize.py)."""
+    from .pipeline import prepare  # noqa: F401 - pydicom, numpy, the conversion
     from .report.template import is_image_class
 
-    torch.set_num_threads(1)  # one process per core: no thread pools competing inside them
     is_image_class("1.2.840.10008.5.1.4.1.1.1")  # CR Image Storage
 
 

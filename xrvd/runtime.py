@@ -72,8 +72,8 @@ class Runtime:
         self.reserve = DiskReserve(self.state_dir, reserve_bytes(
             self.state_dir, self.config.storage.min_free_mb))
         recovered = self.store.recover()
-        # The model first: starting the pool waits for its fork server to import torch
-        # (seconds), which the model's load can use.
+        # The model first: starting the pool waits for its fork server to import the
+        # conversion and highdicom (a second or two), which the model's load can use.
         self._model = _ModelLoader(self.config)
         if self.processes:
             self.pool = PreparePool(self.processes)
