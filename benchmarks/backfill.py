@@ -145,7 +145,7 @@ def tree_rss_mb(pid: int) -> float:
     return total / 1024
 
 
-def run_backfill(args, folder: Path, scratch: Path) -> dict:
+def run_backfill(args, folder: Path, scratch: Path, python: str = sys.executable) -> dict:
     config = {
         "state_dir": str(scratch / "state"),
         "model": {"name": MODEL, "weights_dir": args.weights, "batch_size": args.batch_size,
@@ -156,7 +156,7 @@ def run_backfill(args, folder: Path, scratch: Path) -> dict:
     scratch.mkdir(parents=True, exist_ok=True)
     config_path = scratch / "xrvd.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    command = [sys.executable, "-m", "xrvd", "backfill", "-c", str(config_path), "-r",
+    command = [python, "-m", "xrvd", "backfill", "-c", str(config_path), "-r",
                str(folder)]
     if args.workers is not None:
         command += ["--workers", str(args.workers)]

@@ -2,6 +2,7 @@
 is written, and `xrvd backfill` over the same files.
 
 Run by hand:  uv run python benchmarks/endtoend.py [--images 200] [--per-association 10]
+              [--service-python /tmp/xrvd-service/bin/python]
 
 The images are ~10 MB CRs (2500x2048, 16 bit; the WG04 CR resampled), one study each
 (--per-study N: N images per study and report), sent --per-association files per association
@@ -9,7 +10,8 @@ The images are ~10 MB CRs (2500x2048, 16 bit; the WG04 CR resampled), one study 
 (first byte sent -> the study.classified event, after its report was written, that completes
 the count); its memory is the daemon process's peak resident size, whether libtorch was ever
 mapped into it, and the proportional set size of the daemon and its worker processes together
-at the end (the worker processes load torch for the resize).
+at the end. With --service-python, serve and backfill run again from a service install (no
+PyTorch) on the model package alone, and both installs' sizes on disk are printed.
 The back-fill rate is the back-fill's own classification rate (and the whole command's).
 Untrained weights of the right format: speed does not depend on the weights' values.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,8 +65,20 @@ def _process_tree(pid: int) -> list[int]:
     return [pid, *(p for child in children for p in _process_tree(int(child)))]
 
 
+def install_size_mb(python: str) -> float:
+    """The size on disk of the virtual environment `python` runs in."""
+    prefix = subprocess.run([python, "-c", "import sys; print(sys.prefix)"], check=True,
+                            capture_output=True, text=True).stdout.strip()
+    total = 0
+    for root, _dirs, names in os.walk(prefix):
+        for name in names:
+            total += os.lstat(os.path.join(root, name)).st_size
+    return total / 2**20
+
+
 def serve(files: list[Path], work: Path, weights: str, backend: str,
-          per_association: int, worker_processes: int | str) -> dict:
+          per_association: int, worker_processes: int | str,
+          python: str = sys.executable) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     config = work / "serve.yaml"
     config.write_text(yaml.safe_dump({
@@ -74,7 +89,7 @@ def serve(files: list[Path], work: Path, weights: str, backend: str,
         "output": {"folder": str(work / "out")},
         "service": {"worker_processes": worker_processes},
     }))
-    daemon, port = start_serve(config, dict(ENV, **ALLOW))
+    daemon, port = start_serve(config, dict(ENV, **ALLOW), python)
     written, last = 0, [0.0]
     done = threading.Event()
 
@@ -117,6 +132,11 @@ def main() -> None:
     parser.add_argument("--backends", default="torch,onnxruntime")
     parser.add_argument("--worker-processes", default="0,auto",
                         help="service.worker_processes values to run serve with")
+    parser.add_argument("--service-python", metavar="PYTHON",
+                        help="also run serve and backfill with this interpreter of a service "
+                        "install (no PyTorch; `UV_PROJECT_ENVIRONMENT=DIR uv sync --locked "
+                        "--no-default-groups`, then DIR/bin/python), from the model package "
+                        "alone (needs onnxruntime in --backends)")
     args = parser.parse_args()
     if not dcmtk("storescu"):
         raise SystemExit("DCMTK's storescu is needed (apt install dcmtk)")
@@ -139,22 +159,37 @@ def main() -> None:
                 subprocess.run([sys.executable, "-m", "xrvd", "models", "export", MODEL, "-c",
                                 str(_models_config(scratch, weights))], env=dict(ENV, **ALLOW),
                                capture_output=True, check=True)
-            for processes in (value if value == "auto" else int(value)
-                              for value in args.worker_processes.split(",")):
-                run = serve(files, scratch / f"serve-{backend}-{processes}", str(weights),
-                            backend, args.per_association, processes)
-                print(f"{backend:<12} {f'serve/{processes}':<10} {run['images_per_s']:>9.1f} "
-                      f"{run['peak_rss_mb']:>12.0f}  {processes} worker processes, storescu "
-                      f"{args.per_association}/association, received in "
-                      f"{run['received_s']:.1f} s, last report at {run['total_s']:.1f} s, "
-                      f"torch in the daemon: {'yes' if run['torch'] else 'no'}, daemon and "
-                      f"worker processes together: {run['service_pss_mb']:.0f} MB (PSS)")
-            fill = run_backfill(argparse.Namespace(weights=str(weights), batch_size=4,
-                                                   backend=backend, workers=None),
-                                folder, scratch / f"backfill-{backend}")
-            print(f"{backend:<12} {'backfill':<10} {fill['images_per_s']:>9.1f} "
-                  f"{fill['peak_rss_mb']:>12.0f}  whole command {fill['wall_images_per_s']:.1f}"
-                  f" images/s; RSS summed over its processes")
+            report(backend, files, folder, scratch, args, str(weights), backend)
+        if args.service_python:
+            # The package `xrvd models export` wrote above, alone, as a site carries it in.
+            service_weights = scratch / "service-weights"
+            service_weights.mkdir()
+            shutil.copy(weights / f"{MODEL}.xrvdmodel", service_weights)
+            report("service", files, folder, scratch, args, str(service_weights), "auto",
+                   args.service_python)
+            for name, python in (("full", sys.executable), ("service", args.service_python)):
+                print(f"install size, {name}: {install_size_mb(python):.0f} MB")
+
+
+def report(label: str, files: list[Path], folder: Path, scratch: Path, args, weights: str,
+           backend: str, python: str = sys.executable) -> None:
+    """serve with each worker process count, then backfill: a line each."""
+    for processes in (value if value == "auto" else int(value)
+                      for value in args.worker_processes.split(",")):
+        run = serve(files, scratch / f"serve-{label}-{processes}", weights, backend,
+                    args.per_association, processes, python)
+        print(f"{label:<12} {f'serve/{processes}':<10} {run['images_per_s']:>9.1f} "
+              f"{run['peak_rss_mb']:>12.0f}  {processes} worker processes, storescu "
+              f"{args.per_association}/association, received in "
+              f"{run['received_s']:.1f} s, last report at {run['total_s']:.1f} s, "
+              f"torch in the daemon: {'yes' if run['torch'] else 'no'}, daemon and "
+              f"worker processes together: {run['service_pss_mb']:.0f} MB (PSS)")
+    fill = run_backfill(argparse.Namespace(weights=weights, batch_size=4, backend=backend,
+                                           workers=None),
+                        folder, scratch / f"backfill-{label}", python)
+    print(f"{label:<12} {'backfill':<10} {fill['images_per_s']:>9.1f} "
+          f"{fill['peak_rss_mb']:>12.0f}  whole command {fill['wall_images_per_s']:.1f}"
+          f" images/s; RSS summed over its processes")
 
 
 def _models_config(scratch: Path, weights: Path) -> Path:

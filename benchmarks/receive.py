@@ -98,9 +98,11 @@ def bench_storescp(files: list[Path], work: Path) -> float:
         scp.wait(timeout=30)
 
 
-def start_serve(config: Path, env: dict) -> tuple[subprocess.Popen, int]:
-    """`xrvd serve` as a subprocess, once it is ready; its events stay readable on stdout."""
-    daemon = subprocess.Popen([sys.executable, "-m", "xrvd", "serve", "-c", str(config)],
+def start_serve(config: Path, env: dict, python: str = sys.executable
+                ) -> tuple[subprocess.Popen, int]:
+    """`xrvd serve` as a subprocess (of the install `python` belongs to), once it is ready;
+    its events stay readable on stdout."""
+    daemon = subprocess.Popen([python, "-m", "xrvd", "serve", "-c", str(config)],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                               env=env)
     port = None

@@ -68,10 +68,10 @@ def require_tool(name: str, package: str, *, optional: bool = False) -> str | No
     found = shutil.which(name, path=os.pathsep.join(folders))
     if found:
         return found
-    return _missing(f"{name} missing: apt-get install {package}", optional)
+    return missing(f"{name} missing: apt-get install {package}", optional)
 
 
-def _missing(reason: str, optional: bool = False) -> None:
+def missing(reason: str, optional: bool = False) -> None:
     """Skip the test for a missing system component (fail it under CI=true), or return None
     with optional=True."""
     if os.environ.get("CI") == "true":
@@ -194,6 +194,38 @@ class Mirror(http.server.SimpleHTTPRequestHandler):
         super().do_GET()
 
 
+# DCMTK's storescu proposes uncompressed syntaxes unless told which compressed one to offer.
+_DCMTK_PROPOSE = {
+    pydicom.uid.JPEGBaseline8Bit: "-xy",
+    pydicom.uid.JPEG2000Lossless: "-xv",
+    pydicom.uid.JPEGLSLossless: "-xt",
+    pydicom.uid.RLELossless: "-xr",
+}
+
+
+def storescu(port: int, files, calling_aet: str = "STORESCU") -> subprocess.CompletedProcess:
+    """DCMTK's storescu (pynetdicom's own app where DCMTK is not installed), one run per
+    transfer syntax so that each file goes in its own encoding."""
+    dcmtk = require_tool("storescu", "dcmtk", optional=True)
+    groups: dict[str, list[str]] = {}
+    for f in files:
+        syntax = pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID
+        groups.setdefault(_DCMTK_PROPOSE.get(syntax, ""), []).append(str(f))
+    done = None
+    for option, group in groups.items():
+        if dcmtk:
+            command = [dcmtk, "-R", *([option] if option else []), "-aet", calling_aet,
+                       "-aec", "XRVD", "127.0.0.1", str(port), *group]
+        else:
+            command = [sys.executable, "-m", "pynetdicom", "storescu", "-cx", "-aet",
+                       calling_aet, "-aec", "XRVD", "127.0.0.1", str(port), *group]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, TCP_NODELAY="1"))
+        if done.returncode != 0:
+            return done
+    return done
+
+
 # --- `xrvd serve` and `xrvd backfill` as subprocesses ------------------------------------------
 
 Event = dict
@@ -204,7 +236,8 @@ class DaemonProcess:
     ready=None (start returns at once instead of waiting for daemon.ready)."""
 
     def __init__(self, config_path: Path, state_dir: Path, command: tuple[str, ...] = ("serve",),
-                 ready: str | None = "daemon.ready"):
+                 ready: str | None = "daemon.ready", python: str = sys.executable):
+        self.python = python  # another install's interpreter (the service install's)
         self.config_path = config_path
         self.state_dir = state_dir
         self.command = command
@@ -223,7 +256,7 @@ class DaemonProcess:
         env = dict(os.environ, **{ALLOW_UNTRAINED_ENV: "yes-these-scores-are-meaningless",
                                   "PYTHONUNBUFFERED": "1"}, **(env or {}))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "xrvd", *self.command, "-c", str(self.config_path)],
+            [self.python, "-m", "xrvd", *self.command, "-c", str(self.config_path)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -500,7 +533,7 @@ class Orthanc:
         plugins = []
         if dicomweb:
             if not DICOMWEB_PLUGIN.is_file():
-                _missing("the Orthanc DICOMweb plugin is missing: "
+                missing("the Orthanc DICOMweb plugin is missing: "
                          "apt-get install orthanc-dicomweb")
             plugins.append(str(DICOMWEB_PLUGIN))
         self.folder.mkdir(parents=True, exist_ok=True)

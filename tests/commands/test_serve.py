@@ -41,45 +41,13 @@ from ..harness import (
     dciodvfy_errors,
     everything_logged,
     journal_text,
-    require_tool,
     results,
     send,
+    storescu,
     sidecar,
     write_config,
     write_crafted,
 )
-
-
-# DCMTK's storescu proposes uncompressed syntaxes unless told which compressed one to offer.
-_DCMTK_PROPOSE = {
-    pydicom.uid.JPEGBaseline8Bit: "-xy",
-    pydicom.uid.JPEG2000Lossless: "-xv",
-    pydicom.uid.JPEGLSLossless: "-xt",
-    pydicom.uid.RLELossless: "-xr",
-}
-
-
-def storescu(port: int, files, calling_aet: str = "STORESCU") -> subprocess.CompletedProcess:
-    """DCMTK's storescu (pynetdicom's own app where DCMTK is not installed), one run per
-    transfer syntax so that each file goes in its own encoding."""
-    dcmtk = require_tool("storescu", "dcmtk", optional=True)
-    groups: dict[str, list[str]] = {}
-    for f in files:
-        syntax = pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID
-        groups.setdefault(_DCMTK_PROPOSE.get(syntax, ""), []).append(str(f))
-    done = None
-    for option, group in groups.items():
-        if dcmtk:
-            command = [dcmtk, "-R", *([option] if option else []), "-aet", calling_aet,
-                       "-aec", "XRVD", "127.0.0.1", str(port), *group]
-        else:
-            command = [sys.executable, "-m", "pynetdicom", "storescu", "-cx", "-aet",
-                       calling_aet, "-aec", "XRVD", "127.0.0.1", str(port), *group]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120,
-                              env=dict(os.environ, TCP_NODELAY="1"))
-        if done.returncode != 0:
-            return done
-    return done
 
 
 def associate(port: int, calling_aet: str = "XRVDTEST", contexts=None):
