@@ -8,7 +8,10 @@ import hashlib
 import json
 import os
 
+import pytest
+
 from xrvd.cli import main
+from xrvd.pipeline import models as models_module
 from xrvd.pipeline import onnxrt, trust
 from xrvd.pipeline.models import Classifier
 from xrvd.pipeline.registry import get_spec
@@ -86,3 +89,16 @@ def test_models_export_command(weights_copy, allow_untrained, tmp_path, capsys):
     assert main(["models", "export", EXPORTED, "-c", str(empty)]) == 2
     err = capsys.readouterr().err
     assert "not found" in err and f"xrvd models fetch {EXPORTED}" in err
+
+
+@pytest.mark.parametrize("command", [["export", EXPORTED], ["import", EXPORTED, "weights.pt"],
+                                     ["fetch", EXPORTED]])
+def test_weights_commands_say_they_need_the_full_install(command, tmp_path, monkeypatch,
+                                                         capsys):
+    from xrvd.cli import main
+
+    monkeypatch.setattr(models_module, "torch_installed", lambda: False)
+    config = tmp_path / "xrvd.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'state'}\n")
+    assert main(["models", *command, "-c", str(config)]) == 2
+    assert f"`xrvd models {command[0]}` needs PyTorch" in capsys.readouterr().err

@@ -208,3 +208,4 @@ def test_without_torch_the_torch_backend_says_so(exported, monkeypatch):
     monkeypatch.setattr(models_module, "torch_installed", lambda: False)
     with pytest.raises(Exception, match="backend torch needs PyTorch"):
         Classifier.load(NAME, folder, threads=1, allow_untrained=True, backend="torch")
+

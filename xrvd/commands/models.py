@@ -84,14 +84,26 @@ def render_list(rows: list[dict], weights_dir: Path, as_json: bool) -> str:
     return "\n".join(lines)
 
 
+def _full_install_only(command: str) -> None:
+    """Weights are checked by loading them with PyTorch, and packages are made from them."""
+    from ..pipeline.models import torch_installed
+
+    if not torch_installed():
+        raise WeightsError(f"`xrvd models {command}` needs PyTorch, which this service install "
+                           "does not have: run it on a full install (`uv sync --locked`) and "
+                           "bring the model package here with `xrvd models import-package`")
+
+
 def fetch(name: str, weights_dir: Path, base_url: str | None, *,
           state_dir: Path | None = None) -> Path:
+    _full_install_only("fetch")
     return weights.fetch(get_spec(name), weights_dir, base_url=base_url,
                          trusted=_trusted(state_dir))
 
 
 def import_weights(name: str, source: Path, weights_dir: Path, *,
                    state_dir: Path | None = None) -> Path:
+    _full_install_only("import")
     return weights.import_file(get_spec(name), source, weights_dir,
                                trusted=_trusted(state_dir))
 
@@ -108,6 +120,7 @@ def export(name: str, weights_dir: Path, *, threads: int = 0, force: bool = Fals
     from ..pipeline.models import refuse_untrained
     from ..pipeline.untrained import untrained_allowed_by_environment
 
+    _full_install_only("export")
     spec = get_spec(name)
     threads = threads or available_cpus()
     trusted = _trusted(state_dir)
