@@ -180,3 +180,26 @@ def test_outside_its_schedule_a_source_is_left_alone():
     paused = []
     assert paced.wait(stop, on_pause=paused.append)
     assert clock.now() >= dt.datetime(2024, 1, 2, 13, 0) and paused[0] == 3600
+
+
+def test_a_pacs_that_ignores_modalities_in_study_is_noticed_once(events):
+    from types import SimpleNamespace
+
+    from xrvd.ingest.retrieve import found_study
+    from xrvd.log import get_logger
+
+    def client(setting: str):
+        source = SimpleNamespace(modalities_in_study=setting, modalities=["CR", "DX"])
+        return SimpleNamespace(source=source, modalities_in_study=setting != "no",
+                               log=get_logger(component="retrieve"))
+
+    auto = client("auto")
+    assert found_study(" 1.2.3 ", ["CR", "CT"], auto).study_uid == "1.2.3"
+    assert auto.modalities_in_study  # a wanted modality among them: the key is honoured
+    assert found_study("1.2.4", ["ct"], auto).modalities == ("CT",)
+    assert not auto.modalities_in_study  # a CT-only study was listed: the key is ignored
+    assert found_study("", ["CR"], auto) is None and found_study("9" * 65, [], auto) is None
+    assert len([e for e in events if e["event"] == "source.modalities_in_study_ignored"]) == 1
+    trusted = client("yes")
+    found_study("1.2.5", ["MR"], trusted)
+    assert trusted.modalities_in_study  # told to trust the PACS: it does

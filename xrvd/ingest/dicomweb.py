@@ -19,7 +19,15 @@ from ..log import get_logger
 from ..sources import DicomwebSource
 from ..store import NotStorableError, Store, StoreError
 from ..web import Bounds, client, describe_http_error, session
-from .retrieve import DayQuery, FoundSeries, FoundStudy, Retrieved, RetrieveError, split_day
+from .retrieve import (
+    DayQuery,
+    FoundSeries,
+    FoundStudy,
+    Retrieved,
+    RetrieveError,
+    found_study,
+    split_day,
+)
 
 # A series whose instance count the archive did not give is read up to this many instances.
 MAX_UNCOUNTED_INSTANCES = 100
@@ -73,17 +81,7 @@ class DicomwebClient:
             return found, len(found) < self.source.result_cap
 
         def study(item: dict) -> FoundStudy | None:
-            uid = _first(item, STUDY_UID)
-            if not uid or len(uid) > 64:
-                return None
-            names = tuple(str(m).strip().upper() for m in _values(item, MODALITIES_IN_STUDY))
-            if (self.source.modalities_in_study == "auto" and self.modalities_in_study and names
-                    and not set(names) & set(self.source.modalities)):
-                self.modalities_in_study = False
-                self.log.info("source.modalities_in_study_ignored",
-                              detail="the archive does not match on ModalitiesInStudy; every "
-                              "study's series are checked instead")
-            return FoundStudy(uid, names)
+            return found_study(_first(item, STUDY_UID), _values(item, MODALITIES_IN_STUDY), self)
 
         return split_day(day, query, study, self.source.result_cap, self.log, stop)
 

@@ -30,7 +30,15 @@ from ..sources import DimseSource
 from ..store import Store
 from .incoming import Incoming
 from .net import BoundedDimse, BoundedSocket, NetLimits, abandon_partial
-from .retrieve import DayQuery, FoundSeries, FoundStudy, Retrieved, RetrieveError, split_day
+from .retrieve import (
+    DayQuery,
+    FoundSeries,
+    FoundStudy,
+    Retrieved,
+    RetrieveError,
+    found_study,
+    split_day,
+)
 from .scp import TRANSFER_SYNTAXES, Receiver
 
 # What a chest radiograph is stored as; C-GET must offer each class it is to receive.
@@ -177,20 +185,9 @@ class DimseClient:
         return query
 
     def _study(self, identifier: Dataset) -> FoundStudy | None:
-        uid = str(identifier.get("StudyInstanceUID", "") or "").strip()
-        if not uid or len(uid) > 64:
-            return None
         value = identifier.get("ModalitiesInStudy")
-        values = [value] if isinstance(value, str) else list(value or [])
-        names = tuple(str(m).strip().upper() for m in values if str(m).strip())
-        if (self.source.modalities_in_study == "auto" and self.modalities_in_study and names
-                and not set(names) & set(self.source.modalities)):
-            # The PACS answered a study without a wanted modality: it ignores the key.
-            self.modalities_in_study = False
-            self.log.info("source.modalities_in_study_ignored",
-                          detail="the PACS does not match on ModalitiesInStudy; every "
-                          "study's series are checked instead")
-        return FoundStudy(uid, names)
+        return found_study(identifier.get("StudyInstanceUID", ""),
+                           [value] if isinstance(value, str) else list(value or []), self)
 
     def find_series(self, study_uid: str) -> list[FoundSeries]:
         """The study's series of a wanted modality."""

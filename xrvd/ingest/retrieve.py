@@ -31,6 +31,25 @@ class FoundStudy:
     modalities: tuple[str, ...]  # as the PACS answered ModalitiesInStudy (may be empty)
 
 
+def found_study(uid: str, modalities, client) -> FoundStudy | None:
+    """A study from a query's match, or None for a match without a usable UID. A study listed
+    without any wanted modality shows that the PACS ignores ModalitiesInStudy: with
+    `modalities_in_study: auto`, the client stops sending it and every study's series decide.
+    client: a DimseClient or DicomwebClient (source, log, modalities_in_study)."""
+    uid = str(uid or "").strip()
+    if not uid or len(uid) > 64:
+        return None
+    names = tuple(str(m).strip().upper() for m in modalities if str(m).strip())
+    source = client.source
+    if (source.modalities_in_study == "auto" and client.modalities_in_study and names
+            and not set(names) & set(source.modalities)):
+        client.modalities_in_study = False
+        client.log.info("source.modalities_in_study_ignored",
+                        detail="the PACS does not match on ModalitiesInStudy; every study's "
+                        "series are checked instead")
+    return FoundStudy(uid, names)
+
+
 @dataclass(frozen=True)
 class FoundSeries:
     series_uid: str
