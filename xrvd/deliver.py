@@ -12,6 +12,7 @@ from __future__ import annotations
 import ssl
 import threading
 import time
+from collections.abc import Callable
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
@@ -37,8 +38,15 @@ def tls_arguments(destination: Destination):
     return context, destination.host if tls.check_hostname else None
 
 
+# Makes the AE a C-STORE goes out on: (calling AE title, timeout=, peer=) -> pynetdicom AE.
+# runtime.py passes ingest.net.RequestorAE, whose associations bound what the destination
+# sends back (this wing cannot import it).
+RequestorFactory = Callable[..., AE]
+
+
 def send_report(path: str, destination: Destination | DicomwebDestination, timeout: float,
-                reports: EncodedReports | None = None) -> tuple[bool, str]:
+                reports: EncodedReports | None = None, *,
+                requestor: RequestorFactory) -> tuple[bool, str]:
     """One C-STORE (or STOW-RS) of one report in the destination's SR flavour: (stored, what
     happened). reports: the reports read for sending so far (the file is read there once, for
     every destination and attempt); without it the file is read for this send alone."""
@@ -46,9 +54,8 @@ def send_report(path: str, destination: Destination | DicomwebDestination, timeo
     report = encoded.dataset(destination.sr_flavour)
     if destination.type == "dicomweb":
         return stow_report(report, destination, timeout)
-    ae = AE(ae_title=destination.calling_aet)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.connection_timeout = timeout
+    ae = requestor(destination.calling_aet, timeout=timeout,
+                   peer=f"{destination.host}:{destination.port}")
     ae.add_requested_context(report.SOPClassUID,
                              [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
@@ -100,9 +107,10 @@ def stow_report(report, destination: DicomwebDestination, timeout: float) -> tup
 
 
 class Deliverer:
-    def __init__(self, config: Config, store: Store):
+    def __init__(self, config: Config, store: Store, requestor: RequestorFactory):
         self.config = config
         self.store = store
+        self.requestor = requestor
         self.log = get_logger(component="deliver")
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -172,7 +180,7 @@ class Deliverer:
         started = time.perf_counter()
         try:
             stored, detail = send_report(path, destination, policy.timeout_seconds,
-                                         self.reports)
+                                         self.reports, requestor=self.requestor)
         except Exception as exc:  # noqa: BLE001 - a broken file or peer is one failure
             stored, detail = False, f"{type(exc).__name__}: {exc}"
         fields = dict(destination=destination.name, report=path, attempt=attempts + 1,

@@ -17,6 +17,7 @@ from .cpus import available_cpus
 from .deliver import Deliverer
 from .events import Listener, ignore
 from .fsutil import DiskReserve, StateDirLock, reserve_bytes
+from .ingest.net import RequestorAE
 from .ingest.scp import StorageSCP
 from .ingest.watch import DropFolderWatcher
 from .pipeline.models import Classifier
@@ -84,7 +85,7 @@ class Runtime:
         leaves its reports queued for the service that owns the destinations."""
         classifier = self._model.result()
         if deliver:
-            self.deliverer = Deliverer(self.config, self.store)
+            self.deliverer = Deliverer(self.config, self.store, RequestorAE)
             self.deliverer.start()
         self.worker = Worker(self.config, self.store, classifier,
                              on_report=self.deliverer.wake if self.deliverer else lambda: None,

@@ -85,11 +85,11 @@ def retry(config: Config, as_json: bool) -> str:
 def echo(host: str, port: int, called_aet: str, calling_aet: str, timeout: float,
          as_json: bool, tls_args=None) -> tuple[int, str]:
     """C-ECHO, as DCMTK's echoscu does; exit 0 only on status 0x0000."""
-    from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
-    ae = AE(ae_title=calling_aet)
-    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout
+    from ..ingest.net import RequestorAE
+
+    ae = RequestorAE(calling_aet, timeout=timeout, peer=f"{host}:{port}")
     ae.add_requested_context(Verification)
     started = time.perf_counter()
     assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls_args)

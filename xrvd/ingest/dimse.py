@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, build_role, evt
+from pynetdicom import build_role, evt
 from pynetdicom.sop_class import (
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
@@ -29,7 +29,7 @@ from ..log import get_logger
 from ..sources import DimseSource
 from ..store import Store
 from .incoming import Incoming
-from .net import BoundedDimse, BoundedSocket, NetLimits, abandon_partial
+from .net import RequestorAE, abandon_partial
 from .retrieve import (
     DayQuery,
     FoundSeries,
@@ -52,30 +52,6 @@ _MOVE_DESTINATION_UNKNOWN = 0xA801
 _CANCELLED = 0xFE00
 
 
-class _RequestorAE(AE):
-    """xrvd's AE for the associations it opens to a PACS: every PDU the PACS sends is bounded
-    (size, time) and C-STORE data sets on a C-GET stream to bounded spool files, through
-    pynetdicom's socket hook for this AE's associations only."""
-
-    def __init__(self, ae_title: str, limits: NetLimits, incoming: Incoming | None, peer: str):
-        super().__init__(ae_title=ae_title)
-        self._limits = limits
-        self._incoming = incoming
-        self._peer = peer
-        self.dropped: tuple[str, str] | None = None
-
-    def _create_socket(self, assoc, address, tls_args):
-        if self._incoming is not None:
-            assoc.dimse = BoundedDimse(assoc, self._incoming)
-        sock = BoundedSocket(assoc, None, b"", self._limits, self._on_drop, self._peer,
-                             address=address)
-        sock.tls_args = tls_args
-        return sock
-
-    def _on_drop(self, peer: str, reason: str, detail: str) -> None:
-        self.dropped = (reason, detail)
-
-
 class DimseClient:
     """One PACS (a `sources:` entry). Thread-safe: each call opens its own association."""
 
@@ -86,8 +62,6 @@ class DimseClient:
         self.incoming = incoming
         self.tls_arguments = tls_arguments  # (ssl context, host name) for source.tls
         self.log = get_logger(component="retrieve", source=source.name)
-        self.limits = NetLimits(max_pdu=source.max_pdu, network_timeout=source.timeout_seconds,
-                                max_pending=1)
         # auto: learnt from the replies; False once the PACS shows it ignores the key.
         self.modalities_in_study = source.modalities_in_study != "no"
 
@@ -96,10 +70,9 @@ class DimseClient:
     @contextmanager
     def _association(self, contexts, *, roles=(), handlers=(), receiving=False):
         source = self.source
-        ae = _RequestorAE(source.calling_ae, self.limits,
-                          self.incoming if receiving else None, f"{source.host}:{source.port}")
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = source.timeout_seconds
-        ae.connection_timeout = source.timeout_seconds
+        ae = RequestorAE(source.calling_ae, timeout=source.timeout_seconds,
+                         peer=f"{source.host}:{source.port}", max_pdu=source.max_pdu,
+                         incoming=self.incoming if receiving else None)
         for abstract, syntaxes in contexts:
             ae.add_requested_context(abstract, syntaxes)
         assoc = ae.associate(source.host, source.port, ae_title=source.ae_title,

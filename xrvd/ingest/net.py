@@ -33,7 +33,7 @@ from io import BytesIO
 from pathlib import Path
 
 from pydicom.filewriter import write_file_meta_info
-from pynetdicom import evt
+from pynetdicom import AE, evt
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dsutils import create_file_meta
@@ -55,6 +55,8 @@ MAX_ASSOCIATE_RQ = 1 << 20
 MAX_COMMAND_SET = 64 << 10
 MAX_OTHER_DATA_SET = 1 << 20
 _CHUNK = 256 << 10
+# What xrvd's own associations announce as their maximum PDU (where a source sets none).
+REQUESTOR_MAX_PDU = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -235,9 +237,9 @@ class BoundedDimse(DIMSEServiceProvider):
     `_data_set_file` or `data_set`; so the bounded sinks are put in place the moment the
     command set is decoded, handing pynetdicom one PDV at a time."""
 
-    def __init__(self, assoc, incoming: Incoming):
+    def __init__(self, assoc, incoming: Incoming | None):
         super().__init__(assoc)
-        self._incoming = incoming
+        self._incoming = incoming  # None: this association takes no C-STORE
 
     def receive_primitive(self, primitive: P_DATA) -> None:
         for context_id, data in primitive.presentation_data_value_list:
@@ -257,7 +259,7 @@ class BoundedDimse(DIMSEServiceProvider):
         if message._data_set_file is not None:  # noqa: SLF001 - pynetdicom's own chunked mode
             message._data_set_file.close()  # noqa: SLF001
             Path(message._data_set_file.name).unlink(missing_ok=True)  # noqa: SLF001
-        if not isinstance(message, C_STORE_RQ):
+        if not isinstance(message, C_STORE_RQ) or self._incoming is None:
             message.data_set = _CappedBuffer(MAX_OTHER_DATA_SET, "data set")
             return
         incoming = self._incoming.open()
@@ -278,6 +280,40 @@ class BoundedDimse(DIMSEServiceProvider):
         partial = getattr(self.message, "_data_set_file", None)
         if isinstance(partial, IncomingFile):
             partial.abandon()
+
+
+class RequestorAE(AE):
+    """xrvd's AE for the associations it opens (a PACS it queries and retrieves from, a
+    destination, a C-ECHO): what the peer sends is bounded as on xrvd's listener (each PDU in
+    size and time, command sets and data sets in memory; C-STORE data sets of a C-GET stream
+    to bounded spool files from `incoming`, and without it a C-STORE is refused like any
+    over-long data set), through pynetdicom's socket hook for this AE's associations only.
+    `max_pdu` is what it announces, and so the longest PDU the peer may send."""
+
+    def __init__(self, ae_title: str, *, timeout: float, peer: str,
+                 max_pdu: int = REQUESTOR_MAX_PDU, incoming: Incoming | None = None):
+        super().__init__(ae_title=ae_title)
+        self.acse_timeout = self.dimse_timeout = self.network_timeout = timeout
+        self.connection_timeout = timeout
+        self._max_pdu = max_pdu
+        self._limits = NetLimits(max_pdu=max_pdu, network_timeout=timeout, max_pending=1)
+        self._incoming = incoming
+        self._peer = peer
+        self.dropped: tuple[str, str] | None = None  # (reason, detail) when a bound ended it
+
+    def associate(self, addr, port, **kwargs):
+        kwargs["max_pdu"] = self._max_pdu  # the bound is the maximum announced
+        return super().associate(addr, port, **kwargs)
+
+    def _create_socket(self, assoc, address, tls_args):
+        assoc.dimse = BoundedDimse(assoc, self._incoming)
+        sock = BoundedSocket(assoc, None, b"", self._limits, self._on_drop, self._peer,
+                             address=address)
+        sock.tls_args = tls_args
+        return sock
+
+    def _on_drop(self, peer: str, reason: str, detail: str) -> None:
+        self.dropped = (reason, detail)
 
 
 def abandon_partial(assoc) -> None:
