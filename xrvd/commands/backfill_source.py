@@ -3,6 +3,7 @@
 1. query: each day of the window not queried before is asked for its studies (study-level
    C-FIND, split at the PACS's result cap: ingest/retrieve.py); the studies found and the day
    are journaled together (store/sources.py).
+   `--dry-run` stops after the query and lists what would be retrieved (backfill_plan.py).
 2. retrieve: each study found is listed by series and only the wanted modalities' series are
    retrieved (C-GET or C-MOVE), paced by the source's schedule, rate and back-off; a study
    this model and these weights already reported is never asked for again.
@@ -32,14 +33,12 @@ from ..config import Config
 from ..errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL
 from ..events import Tally, WorkEvent
 from ..ingest.retrieve import Pacer, RetrieveError, make_client
-from ..pipeline.registry import get_spec
-from ..pipeline.trust import sha256
-from ..pipeline.weights import weights_path
 from ..runtime import Runtime
 from ..sources import Source
-from ..store import Store, earlier_outcomes
+from ..store import Store
 from ..worker import Worker
 from .backfill import configure_output, interruptible
+from .backfill_plan import dry_run
 from .progress import Progress, print_table
 
 # How long the end of a run waits for the last reports to reach the destinations.
@@ -367,47 +366,11 @@ class SourceBackfill:
                       failed=tally.failed, waiting=waiting, deliveries_pending=pending,
                       **dict(c))
 
-    # --- --dry-run -------------------------------------------------------------------------
-
-    def dry_run(self) -> int:
-        """Query the PACS (nothing is journaled, nothing retrieved) and list each study found
-        with what the run would do and why; a study the journal shows as retrieved or
-        reported before is not asked for its series."""
-        client = make_client(self.source)
-        weights_sha256 = self._installed_weights_sha256()
-        actions: Counter[str] = Counter()
-        for day in days(self.request.since, self.request.until):
-            studies = client.find_studies(day).studies
-            earlier = earlier_outcomes(self.config.state_dir, self.source.name,
-                                       [s.study_uid for s in studies], self.config.model.name,
-                                       weights_sha256)
-            for study in studies:
-                if study.study_uid in earlier:
-                    action, detail = "skip", earlier[study.study_uid]
-                elif series := client.find_series(study.study_uid):
-                    action, detail = "retrieve", ", ".join(
-                        f"{s.modality} series ({s.instances if s.instances is not None else '?'}"
-                        " instances)" for s in series)
-                else:
-                    action, detail = "skip", "no series of " + "/".join(self.source.modalities)
-                actions[action] += 1
-                self.out.write(f"{action:<9} {day.isoformat()} {study.study_uid}  {detail}\n")
-        rows = [(key, str(count)) for key, count in actions.most_common()]
-        print_table(rows or [("studies found", "0")], self.out,
-                    "xrvd backfill --dry-run: nothing was retrieved, classified or journaled")
-        return EXIT_OK
-
-    def _installed_weights_sha256(self) -> str | None:
-        """The sha256 the run will report under (None when the weights are not installed:
-        a report by this model with any weights then counts)."""
-        path = weights_path(get_spec(self.config.model.name), self.config.weights_dir)
-        return sha256(path) if path.is_file() else None
-
 
 def run_source_backfill(config: Config, request: SourceRequest,
                         log_level: str | None = None) -> int:
     out = configure_output(config, request.dry_run, log_level)
     backfill = SourceBackfill(config, request, out)
     if request.dry_run:
-        return backfill.dry_run()
+        return dry_run(config, backfill.source, days(request.since, request.until), out)
     return interruptible(backfill.run)
