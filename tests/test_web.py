@@ -143,6 +143,17 @@ def test_a_json_reply_is_bounded_by_default(peer):
     session.close()
 
 
+def test_a_drip_fed_reply_read_in_small_pieces_is_dropped_within_its_window(peer):
+    """The window spans reads: requests reads a body 10 KiB at a time, and a server sending
+    just under 10 KiB per timeout would otherwise never be too slow."""
+    session = BoundedSession(timeout=0.5)
+    response = session.get(peer + "/drip", stream=True)
+    with pytest.raises(ResponseTooSlow):
+        for _ in response.iter_content(chunk_size=2):  # a byte or two per read
+            pass
+    session.close()
+
+
 def test_a_drip_fed_reply_is_dropped_within_its_window(peer):
     session = BoundedSession(timeout=0.5)
     started = time.monotonic()

@@ -53,6 +53,10 @@ class _BoundedBody:
         self._tail = b""
         self._total = 0
         self._in_part = 0
+        # The current window: bytes in it, and seconds spent waiting for them (only inside
+        # reads: the time the reader takes between reads is not the server's).
+        self._window_got = 0
+        self._window_waited = 0.0
 
     def __getattr__(self, name):  # release_conn, close, headers, ...: the body's own
         return getattr(self._raw, name)
@@ -70,23 +74,23 @@ class _BoundedBody:
         wanted = amt if amt is not None and amt >= 0 else self._bounds.total_bytes + 1
         pieces: list[bytes] = []
         got = 0
-        window_started, window_got = time.monotonic(), 0
         while got < wanted:
+            started = time.monotonic()
             piece = self._raw.read1(min(wanted - got, WINDOW_BYTES),
                                     decode_content=decode_content)
+            self._window_waited += time.monotonic() - started
             if not piece:
                 break
             self._count(piece)
             pieces.append(piece)
             got += len(piece)
-            window_got += len(piece)
-            now = time.monotonic()
-            if now - window_started > self._window_seconds:
-                raise ResponseTooSlow(f"{self._url}: {window_got} bytes in "
-                                      f"{now - window_started:.0f} s (at most "
+            self._window_got += len(piece)
+            if self._window_waited > self._window_seconds:
+                raise ResponseTooSlow(f"{self._url}: {self._window_got} bytes in "
+                                      f"{self._window_waited:.0f} s (at most "
                                       f"{self._window_seconds:g} s per {WINDOW_BYTES} bytes)")
-            if window_got >= WINDOW_BYTES:
-                window_started, window_got = now, 0
+            if self._window_got >= WINDOW_BYTES:
+                self._window_got, self._window_waited = 0, 0.0
         return b"".join(pieces)
 
     def _count(self, piece: bytes) -> None:
