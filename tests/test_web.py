@@ -44,7 +44,18 @@ class Peer(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+    hits: dict[str, int] = {}
+
     def do_GET(self):
+        Peer.hits[self.path] = Peer.hits.get(self.path, 0) + 1
+        if "/busy" in self.path:  # 503, as an overloaded archive answers
+            self._head("text/plain", 0)
+            return
+        if "/noboundary" in self.path:  # multipart, but no boundary to find the parts by
+            body = multipart(INSTANCES)
+            self._head('multipart/related; type="application/dicom"', len(body))
+            self.wfile.write(body)
+            return
         if "/huge" in self.path:  # announces and sends far more than any bound
             self._head("application/json", 1 << 40)
             chunk = b" " * (1 << 20)
@@ -79,7 +90,7 @@ class Peer(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def _head(self, content_type: str, length: int) -> None:
-        self.send_response(200)
+        self.send_response(503 if "/busy" in self.path else 200)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(length))
         self.end_headers()
@@ -162,3 +173,29 @@ def test_a_drip_fed_reply_is_dropped_within_its_window(peer):
     assert time.monotonic() - started < 30  # a window and a socket read, not 1 MiB (14 h)
     assert describe_http_error(raised.value)[:2] == ("unreachable", True)
     session.close()
+
+
+def test_a_multipart_reply_without_a_boundary_is_bounded_as_one_part(peer):
+    session = BoundedSession(timeout=10)
+    with session.bounded(Bounds(total_bytes=1 << 30, part_bytes=len(INSTANCES[0]) + 1024)), \
+            pytest.raises(ResponseTooLarge, match="without a multipart boundary"):
+        series(session, peer + "/noboundary")
+    session.close()
+
+
+def test_the_client_keeps_the_sessions_timeout_and_never_retries_by_itself(peer):
+    from xrvd.web import client
+
+    session = BoundedSession(timeout=7)
+    web = client(peer + "/busy", session)
+    with pytest.raises(requests.HTTPError) as raised:
+        web.search_for_studies()
+    assert describe_http_error(raised.value)[:2] == ("status", True)  # the caller backs off
+    assert sum(n for path, n in Peer.hits.items() if path.startswith("/busy")) == 1
+    assert web._timeout == 7  # noqa: SLF001 - dicomweb-client's own default is 20 s
+    session.close()
+
+
+def test_a_reply_cut_off_midway_is_worth_a_retry():
+    assert describe_http_error(requests.exceptions.ChunkedEncodingError("cut"))[:2] == \
+        ("unreachable", True)

@@ -90,8 +90,8 @@ def stow_report(report, destination: DicomwebDestination, timeout: float) -> tup
     from .web import client, describe_http_error, session
 
     try:
-        response = client(destination.url, session(destination.auth, destination.tls,
-                                                    timeout)).store_instances([report])
+        with session(destination.auth, destination.tls, timeout) as http:
+            response = client(destination.url, http).store_instances([report])
     except Exception as exc:  # noqa: BLE001 - every failure is one failed attempt
         _reason, _retry, detail = describe_http_error(exc)
         return False, f"STOW-RS failed: {detail}"

@@ -99,7 +99,13 @@ class _BoundedBody:
             raise ResponseTooLarge(f"{self._url}: the reply is larger than "
                                    f"{self._bounds.total_bytes} bytes")
         limit = self._bounds.part_bytes
-        if limit is None or not self._delimiter:
+        if limit is None:
+            return
+        if not self._delimiter:  # no boundary: the body is read as one part
+            if self._total > limit:
+                raise ResponseTooLarge(f"{self._url}: the reply, sent without a multipart "
+                                       f"boundary, is larger than {limit} bytes "
+                                       "(scp.max_instance_bytes)")
             return
         seen = self._tail + piece
         last = seen.rfind(self._delimiter)
@@ -145,7 +151,8 @@ class BoundedSession(requests.Session):
             self._local.bounds = before
 
     def request(self, method, url, **kwargs):
-        kwargs.setdefault("timeout", self.timeout)
+        if kwargs.get("timeout") is None:
+            kwargs["timeout"] = self.timeout
         return super().request(method, url, **kwargs)
 
     def _bound(self, response: requests.Response, **_kwargs) -> requests.Response:
@@ -172,7 +179,11 @@ def client(url: str, on: BoundedSession):
     """A dicomweb_client.DICOMwebClient for `url` (the service root)."""
     from dicomweb_client.api import DICOMwebClient
 
-    return DICOMwebClient(url=url, session=on)
+    # dicomweb-client passes its own timeout (20 s) on every request and retries 429/503/...
+    # up to 5 times by itself: the configured timeout holds, and retries are the caller's.
+    web = DICOMwebClient(url=url, session=on, timeout=on.timeout)
+    web.set_http_retry_params(retry=False)
+    return web
 
 
 def describe_http_error(exc: Exception) -> tuple[str, bool, str]:
@@ -187,6 +198,7 @@ def describe_http_error(exc: Exception) -> tuple[str, bool, str]:
         return "status", code in (408, 429) or code >= 500, detail
     if isinstance(exc, ResponseTooLarge):
         return "too_large", False, str(exc)[:300]
-    if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
+    if isinstance(exc, (requests.ConnectionError, requests.Timeout,
+                        requests.exceptions.ChunkedEncodingError)):  # cut off midway
         return "unreachable", True, f"{type(exc).__name__}: {str(exc)[:200]}"
     return "status", False, f"{type(exc).__name__}: {str(exc)[:200]}"
