@@ -149,3 +149,44 @@ def test_backfill_by_dicomweb_annotates_the_pacs_and_stows_the_reports(
     assert len(run.find("report.sent", destination="orthanc-web")) == \
         len(pacs.archive.chest_studies)
     assert "DICOMweb" in run.stderr
+
+
+def test_a_study_the_pacs_sends_badly_fails_alone(store, tmp_path, events):
+    """A reply xrvd cannot use (an exception of any kind while listing or retrieving) or a
+    retrieval whose sub-operations failed is that study's failure, retried up to
+    max_attempts: the run neither crashes nor takes the study as retrieved."""
+    import datetime as dt
+    from types import SimpleNamespace
+
+    from xrvd.commands.backfill_source import SourceBackfill, SourceRequest
+    from xrvd.commands.progress import Progress
+    from xrvd.config import validate_config
+    from xrvd.ingest.retrieve import FoundSeries, Pacer, Retrieved
+
+    config = validate_config({"state_dir": str(tmp_path / "state"), "sources": [{
+        "name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104,
+        "max_attempts": 2, "retry_seconds": 0.01, "max_retry_seconds": 0.01}]})
+    backfill = SourceBackfill(config, SourceRequest("pacs", dt.date(2024, 1, 1),
+                                                    dt.date(2024, 1, 1)))
+    store.record_source_day("pacs", "20240101", "CR,DX", ["1.2.3", "1.2.4"], 1)
+
+    class Broken:
+        def find_series(self, study_uid):
+            if study_uid == "1.2.3":
+                raise ValueError("invalid literal for int() with base 10: 'abc'")
+            return [FoundSeries("1.2.4.1", "CR", 1)]
+
+        def retrieve(self, study_uid, series):
+            return Retrieved(instances=0, bytes=0, failed=1)
+
+    identity = SimpleNamespace(name="m", weights_sha256="w")
+    for _ in range(2):
+        for uid in ("1.2.3", "1.2.4"):
+            backfill._retrieve_one(Broken(), store, Pacer(backfill.source), uid, identity,
+                                   Progress(False))
+    states = dict(journal_rows(tmp_path / "state", "SELECT study_uid, state FROM "
+                               "source_studies"))
+    assert states == {"1.2.3": "failed", "1.2.4": "failed"}
+    assert backfill.counts["failed"] == 2 and not backfill.counts["retrieved"]
+    failures = [e for e in events if e["event"] == "study.retrieve_failed"]
+    assert {e["reason"] for e in failures} == {"unexpected", "incomplete"}

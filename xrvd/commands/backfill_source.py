@@ -208,9 +208,15 @@ class SourceBackfill:
                 return
             started = time.perf_counter()
             result = client.retrieve(study_uid, series)
-        except RetrieveError as exc:
+            if result.failed:
+                raise RetrieveError("incomplete", f"the PACS failed to send {result.failed} of "
+                                    f"{result.failed + result.instances} instances")
+        except Exception as exc:  # noqa: BLE001 - whatever the PACS did: this study's failure
+            if not isinstance(exc, RetrieveError):
+                self.log.exception("study.retrieve_error", study_instance_uid=study_uid)
+                exc = RetrieveError("unexpected", f"{type(exc).__name__}: {str(exc)[:300]}")
             if exc.fatal:
-                raise
+                raise exc from None
             if not exc.retry:
                 store.source_study_finished(name, study_uid, "failed", reason=str(exc))
                 self.log.error("study.retrieve_failed", study_instance_uid=study_uid,
@@ -291,6 +297,10 @@ class SourceBackfill:
                           modalities=self.source.modalities, how=describe(self.source),
                           **recovered)
             if getattr(self.source, "retrieve", None) == "move":
+                if not config.scp.enabled:
+                    raise RetrieveError("listener_disabled", "retrieve: move sends the studies "
+                                        "to xrvd's listener, and scp.enabled is false: enable "
+                                        "it, or use retrieve: get", fatal=True)
                 runtime.listen(watch=False)  # the PACS sends to xrvd's own listener
             worker = runtime.engine(deliver=bool(config.destinations),
                                     on_event=self._on_event(progress))

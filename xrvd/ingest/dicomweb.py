@@ -17,7 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from .. import metrics
 from ..log import get_logger
 from ..sources import DicomwebSource
-from ..store import NotStorableError, Store, StoreError
+from ..store import Store, StoreError
 from ..web import Bounds, client, describe_http_error, session
 from .retrieve import (
     DayQuery,
@@ -26,6 +26,7 @@ from .retrieve import (
     Retrieved,
     RetrieveError,
     found_study,
+    instance_count,
     split_day,
 )
 
@@ -38,8 +39,11 @@ STUDY_UID, SERIES_UID, MODALITY = "0020000D", "0020000E", "00080060"
 MODALITIES_IN_STUDY, SERIES_INSTANCES = "00080061", "00201209"
 
 
-def _values(item: dict, tag: str) -> list:
-    return list((item.get(tag) or {}).get("Value") or [])
+def _values(item, tag: str) -> list:
+    """A DICOM JSON attribute's values; [] for whatever a broken reply has instead."""
+    attribute = item.get(tag) if isinstance(item, dict) else None
+    values = attribute.get("Value") if isinstance(attribute, dict) else None
+    return list(values) if isinstance(values, list) else []
 
 
 def _first(item: dict, tag: str) -> str:
@@ -94,8 +98,8 @@ class DicomwebClient:
         for item in found:
             uid, modality = _first(item, SERIES_UID), _first(item, MODALITY).upper()
             if uid and modality in wanted:
-                count = _first(item, SERIES_INSTANCES)
-                series.append(FoundSeries(uid, modality, int(count) if count.isdigit() else None))
+                series.append(FoundSeries(uid, modality,
+                                          instance_count(_first(item, SERIES_INSTANCES))))
         return series
 
     # --- WADO-RS -----------------------------------------------------------------------------
@@ -135,17 +139,17 @@ class DicomwebClient:
 
     def _store(self, ds: Dataset, key: str) -> int | None:
         """Journal one retrieved instance; its size, or None when it was refused (logged)."""
-        sop_uid = str(ds.get("SOPInstanceUID", ""))
-        if not hasattr(ds, "file_meta") or "TransferSyntaxUID" not in ds.file_meta:
-            meta = FileMetaDataset()
-            meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds.file_meta = meta
-        ds.file_meta.MediaStorageSOPClassUID = ds.get("SOPClassUID")
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID")
+        sop_uid = str(ds.get("SOPInstanceUID", ""))[:64]
         with tempfile.NamedTemporaryFile(dir=self.store.incoming, prefix="web-",
                                          suffix=".dcm", delete=False) as tmp:
             path = Path(tmp.name)
         try:
+            if not hasattr(ds, "file_meta") or "TransferSyntaxUID" not in ds.file_meta:
+                meta = FileMetaDataset()
+                meta.TransferSyntaxUID = ExplicitVRLittleEndian
+                ds.file_meta = meta
+            ds.file_meta.MediaStorageSOPClassUID = ds.get("SOPClassUID")
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID")
             ds.save_as(path, enforce_file_format=True)
             written = path.stat().st_size
             if written > self.max_instance_bytes:
@@ -153,7 +157,7 @@ class DicomwebClient:
                                  f"({self.max_instance_bytes} bytes)", "too_large")
             outcome = self.store.store_file(path, source=f"retrieve:{self.source.name}",
                                             move=True, association=key)
-        except (NotStorableError, StoreError, ValueError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever the archive sent: this instance
             reason = getattr(exc, "reason", None) or "store_failed"
             metrics.REFUSED.labels(reason).inc()
             self.log.warning("instance.refused", reason=reason, detail=str(exc)[:300],

@@ -37,6 +37,7 @@ from .retrieve import (
     Retrieved,
     RetrieveError,
     found_study,
+    instance_count,
     split_day,
 )
 from .scp import TRANSFER_SYNTAXES, Receiver
@@ -182,9 +183,8 @@ class DimseClient:
             uid = str(identifier.get("SeriesInstanceUID", "") or "").strip()
             modality = str(identifier.get("Modality", "") or "").strip().upper()
             if uid and modality in wanted:
-                count = identifier.get("NumberOfSeriesRelatedInstances")
-                series.append(FoundSeries(uid, modality, int(count) if count not in
-                                          (None, "") else None))
+                series.append(FoundSeries(uid, modality, instance_count(
+                    identifier.get("NumberOfSeriesRelatedInstances"))))
         return series
 
     # --- C-GET and C-MOVE -------------------------------------------------------------------

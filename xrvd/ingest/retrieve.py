@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..errors import XrvdError
 from ..sources import DimseSource, Schedule
 from ..store import Store
 from .incoming import Incoming
@@ -50,6 +51,12 @@ def found_study(uid: str, modalities, client) -> FoundStudy | None:
     return FoundStudy(uid, names)
 
 
+def instance_count(value) -> int | None:
+    """NumberOfSeriesRelatedInstances as the PACS gave it; None where it is not a count."""
+    text = str(value if value is not None else "").strip()
+    return int(text) if text.isdigit() and len(text) <= 9 else None
+
+
 @dataclass(frozen=True)
 class FoundSeries:
     series_uid: str
@@ -71,13 +78,13 @@ class Retrieved:
     failed: int  # sub-operations the PACS reported failed (e.g. a class not offered)
 
 
-class RetrieveError(Exception):
+class RetrieveError(XrvdError):
     """reason: refused, aborted, unreachable, status (the PACS answered a failure),
     move_destination_unknown, unauthorized. `retry`: whether a later attempt may succeed;
     `fatal`: no study can succeed until the configuration changes (the run stops)."""
 
     def __init__(self, reason: str, detail: str, *, retry: bool = True, fatal: bool = False):
-        self.reason = reason
+        self.reason = reason  # an XrvdError's reason code, per error here
         self.retry = retry and not fatal
         self.fatal = fatal
         super().__init__(detail)
