@@ -385,7 +385,8 @@ def _models(args: argparse.Namespace, config) -> int:
                                                    threads=config.model.threads,
                                                    state_dir=config.state_dir)
         print(f"{manifest['model']}: model package verified (weights sha256 "
-              f"{manifest['weights_sha256'][:16]}..., exported with {manifest['exporter']}) "
+              f"{manifest['weights_sha256'][:16]}..., exported with "
+              f"{manifest.get('exporter', 'an unnamed exporter')}) "
               f"and installed at {path}")
         return EXIT_OK
     path = modeladmin.import_weights(args.name, args.file, config.weights_dir,

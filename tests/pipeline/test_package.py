@@ -209,3 +209,18 @@ def test_without_torch_the_torch_backend_says_so(exported, monkeypatch):
     with pytest.raises(Exception, match="backend torch needs PyTorch"):
         Classifier.load(NAME, folder, threads=1, allow_untrained=True, backend="torch")
 
+
+
+def test_a_full_install_with_its_weights_is_not_stopped_by_a_bad_package(exported, tmp_path,
+                                                                          events):
+    folder, path, record = exported
+    mixed = tmp_path / "full"
+    mixed.mkdir()
+    for item in folder.iterdir():
+        if item.is_file():
+            shutil.copy(item, mixed / item.name)
+    (mixed / path.name).write_bytes(damaged(path, "labels changed"))
+    classifier = Classifier.load(NAME, mixed, threads=1, allow_untrained=True)
+    assert classifier.identity.weights_sha256 == record["weights_sha256"]
+    [ignored] = [e for e in events if e["event"] == "model.package_ignored"]
+    assert "operating points differ" in ignored["reason"]

@@ -24,6 +24,8 @@ def _trusted(state_dir: Path | None) -> trust.TrustedHashes | None:
 
 def list_models(weights_dir: Path, *, verify: bool = False,
                 state_dir: Path | None = None) -> list[dict]:
+    from ..pipeline.models import torch_installed
+
     trusted = _trusted(state_dir)
     rows = []
     for spec in MODELS.values():
@@ -42,7 +44,10 @@ def list_models(weights_dir: Path, *, verify: bool = False,
             "package": str(package.package_path(spec, weights_dir))
             if package.package_path(spec, weights_dir).is_file() else None,
         }
-        if verify and present:
+        if verify and present and not torch_installed():
+            row["status"] = "ok (not verified: loading weights needs PyTorch, and this is a " \
+                "service install)"
+        elif verify and present:
             try:
                 checked = trust.check_recorded(spec, path, trusted)
                 loaded = weights.load_network(spec, path, expected_sha256=checked.sha256)

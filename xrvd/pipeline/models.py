@@ -139,13 +139,29 @@ class Classifier:
         """The model from its installed package, verified (package.py); None where the
         weights beside it are other weights and PyTorch is here to run them instead."""
         path = package_path(spec, weights_dir)
+        weights = weights_path(spec, weights_dir)
+        try:
+            return cls._from_package(spec, path, weights, device=device, threads=threads,
+                                     allowed=allowed, log=log, trusted=trusted)
+        except PackageError as exc:
+            if not (torch_installed() and weights.is_file()):
+                raise
+            # A full install with the weights: a package it cannot use (exported by another
+            # xrvd, changed since) does not stop it; the weights run as before.
+            log.warning("model.package_ignored", path=str(path), weights=str(weights),
+                        reason=str(exc))
+            return None
+
+    @classmethod
+    def _from_package(cls, spec: ModelSpec, path: Path, weights: Path, *, device: str,
+                      threads: int, allowed: bool, log,
+                      trusted: TrustedHashes | None) -> Classifier | None:
         if not onnxrt.onnxruntime_installed():
             if torch_installed():
                 return None
             raise PackageError(f"{path}: ONNX Runtime is not installed to run it")
         found = package.read(path)
         package.check_recorded(found, trusted, log)
-        weights = weights_path(spec, weights_dir)
         if weights.is_file():
             digest = check_recorded(spec, weights, trusted).sha256
             if digest != found.weights_sha256:

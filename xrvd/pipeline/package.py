@@ -190,11 +190,13 @@ def check_against(package: Package, spec: ModelSpec) -> None:
     if not isinstance(manifest.get("weights_sha256"), str) or \
             not isinstance(manifest.get("torchxrayvision_version"), str):
         problems.append("its manifest lacks the weights' sha256 or TorchXRayVision's version")
-    scores = (manifest.get("check") or {}).get("pytorch_scores")
-    if not isinstance(scores, list) or not scores or not all(
-            isinstance(row, list) and row and all(isinstance(v, (int, float)) for v in row)
-            for row in scores):
-        problems.append("its manifest lacks PyTorch's scores on the check input")
+    check = manifest.get("check")
+    scores = check.get("pytorch_scores") if isinstance(check, dict) else None
+    if not isinstance(scores, list) or len(scores) != onnxrt.CHECK_BATCH or not all(
+            isinstance(row, list) and row and len(row) == len(scores[0])
+            and all(isinstance(v, (int, float)) for v in row) for row in scores):
+        problems.append(f"its manifest lacks PyTorch's scores on the check input "
+                        f"({onnxrt.CHECK_BATCH} rows of equal length)")
     if problems:
         raise PackageError(f"{path} cannot serve {spec.name}: {'; '.join(problems)}. Export "
                            f"the package again with `xrvd models export {spec.name}`")

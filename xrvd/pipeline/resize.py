@@ -378,7 +378,8 @@ class Resizer:
         return self.down(self.across(image))
 
 
-@functools.lru_cache(maxsize=32)
+# A resizer holds 1-3 MB of weights and gather plans; sites see a handful of image sizes.
+@functools.lru_cache(maxsize=8)
 def resizer(in_rows: int, in_cols: int, out_rows: int, out_cols: int) -> Resizer:
     """The (cached) Resizer for these sizes."""
     return Resizer(in_rows, in_cols, out_rows, out_cols)
