@@ -87,6 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--batch-size", type=_positive_int)
     classify.add_argument("--weights-dir", type=Path, help="override model.weights_dir")
 
+    evaluate = sub.add_parser(
+        "evaluate", parents=[common], help="how well the model does on your labelled images",
+        description="Classify the images a labels table names (a `path` column, then one "
+        "column per finding: 1, 0 or empty) and write per finding AUROC with DeLong's 95 %% "
+        "interval, prevalence, sensitivity, specificity, PPV and NPV at the configured "
+        "threshold, and the threshold that reaches a target sensitivity, to OUT/metrics.csv "
+        "and OUT/metrics.json.")
+    evaluate.add_argument("--labels", type=Path, required=True, metavar="LABELS.csv")
+    evaluate.add_argument("--target-sensitivity", type=_threshold, default=0.9,
+                          metavar="S", help="propose the threshold that reaches it (0.9)")
+    evaluate.add_argument("out", type=Path, metavar="OUT")
+
     check = sub.add_parser("check-config", help="validate a config file and print the "
                            "effective configuration")
     check.add_argument("file", metavar="FILE")
@@ -244,6 +256,11 @@ def _dispatch(args: argparse.Namespace) -> int:
                   salt=log.load_salt(config.state_dir, create=False))
     if args.command == "classify":
         return _classify(args, config)
+    if args.command == "evaluate":
+        from .commands.evaluate import evaluate
+
+        return evaluate(config, args.labels, args.out,
+                        target_sensitivity=args.target_sensitivity)
     if args.command in ("status", "retry", "echo"):
         return _ops(args, config)
     if args.command == "demo":

@@ -1,0 +1,170 @@
+"""`xrvd evaluate --labels LABELS.csv OUT/`: how well the configured model does on a site's own
+labelled images (issue 19, first part: the tables; plots, the HTML report, the public
+datasets' label files, the journal's scores and several models come next).
+
+LABELS.csv has a `path` column (an image file, relative to the CSV's folder or absolute) and
+one column per finding, named as the model names it (`xrvd models list`), holding 1
+(present), 0 (absent) or nothing (not labelled: the image is left out for that finding). Each
+file is classified once, as `xrvd classify` does; per finding the command writes the number of
+images, positives and prevalence, AUROC with DeLong's 95 % interval, sensitivity,
+specificity, PPV and NPV at the configured threshold, and the threshold that reaches
+--target-sensitivity on these images, to OUT/metrics.csv and OUT/metrics.json, and prints a
+table.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from ..errors import EXIT_OK, EXIT_PARTIAL, XrvdError
+from ..pipeline.convert import ConvertOptions
+from ..pipeline.models import Classifier
+from ..stats import NotEnoughData, at_threshold, delong_interval, threshold_for
+from .classify import classify_files
+
+# Labels files are small tables; a larger one is not a labels file.
+MAX_LABELS_BYTES = 64 << 20
+COLUMNS = ("label", "images", "positives", "prevalence", "auroc", "auroc_low", "auroc_high",
+           "threshold", "sensitivity", "specificity", "ppv", "npv",
+           "target_sensitivity", "threshold_for_target", "specificity_at_target", "note")
+
+
+class LabelsError(XrvdError):
+    """The labels table cannot be used as it is: the message says what to change."""
+
+    reason = "labels_invalid"
+
+
+@dataclass(frozen=True)
+class Labels:
+    files: list[Path]
+    findings: dict[str, list[int | None]]  # per finding, per file: 1, 0 or None
+
+
+def read_labels(path: Path, known: tuple[str, ...]) -> Labels:
+    """The labels table; findings matched to the model's names without regard to case."""
+    try:
+        if path.stat().st_size > MAX_LABELS_BYTES:
+            raise LabelsError(f"{path} is larger than {MAX_LABELS_BYTES} bytes: not a labels "
+                              "table")
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise LabelsError(f"cannot read the labels table {path}: {exc}") from exc
+    columns = list(rows[0].keys()) if rows else []
+    if "path" not in columns:
+        raise LabelsError(f"{path}: the labels table needs a `path` column (the image files) "
+                          f"and one column per finding; it has {columns[:10]}")
+    by_name = {name.lower(): name for name in known}
+    findings: dict[str, list[int | None]] = {}
+    unknown = []
+    for column in columns:
+        if column == "path":
+            continue
+        name = by_name.get(column.strip().lower())
+        if name is None:
+            unknown.append(column)
+            continue
+        values = []
+        for number, row in enumerate(rows, start=2):
+            text = (row.get(column) or "").strip()
+            if text not in ("", "0", "1", "0.0", "1.0"):
+                raise LabelsError(f"{path}, line {number}, column {column}: {text!r} is not "
+                                  "1, 0 or empty")
+            values.append(None if text == "" else int(float(text)))
+        findings[name] = values
+    if unknown:
+        raise LabelsError(f"{path}: the model does not report {unknown}; its findings are "
+                          f"{list(known)}")
+    if not findings:
+        raise LabelsError(f"{path}: no finding columns; name them as the model does: "
+                          f"{list(known)}")
+    base = path.parent
+    files = [Path(row["path"]) if Path(row["path"]).is_absolute() else base / row["path"]
+             for row in rows]
+    return Labels(files, findings)
+
+
+def metrics_for(scores: list[float | None], labels: list[int | None], threshold: float,
+                target_sensitivity: float) -> dict:
+    """One finding's row: the images that have both a score and a label."""
+    pairs = [(s, y) for s, y in zip(scores, labels, strict=True)
+             if s is not None and y is not None]
+    row: dict = {"images": len(pairs), "positives": sum(y for _, y in pairs),
+                 "threshold": threshold, "target_sensitivity": target_sensitivity}
+    row["prevalence"] = row["positives"] / len(pairs) if pairs else math.nan
+    values, truth = [s for s, _ in pairs], [y for _, y in pairs]
+    try:
+        interval = delong_interval(values, truth)
+    except NotEnoughData as exc:
+        return {**row, "note": str(exc)}
+    called = at_threshold(values, truth, threshold)
+    chosen = threshold_for(values, truth, sensitivity=target_sensitivity)
+    return {**row, "auroc": interval.auroc, "auroc_low": interval.low,
+            "auroc_high": interval.high, "sensitivity": called.sensitivity,
+            "specificity": called.specificity, "ppv": called.ppv, "npv": called.npv,
+            "threshold_for_target": chosen,
+            "specificity_at_target": at_threshold(values, truth, chosen).specificity,
+            "note": ""}
+
+
+def evaluate(config, labels_path: Path, out: Path, *, target_sensitivity: float = 0.9,
+             stream: TextIO = sys.stdout) -> int:
+    classifier = Classifier.from_config(config)
+    labels = read_labels(labels_path, classifier.labels)
+    results = classify_files(labels.files, classifier, threshold=config.model.threshold,
+                             batch_size=config.model.batch_size,
+                             options=ConvertOptions(**config.convert.model_dump()))
+    scores = [{f.label: f.score for f in r.findings} if r.error is None else None
+              for r in results]
+    rows = []
+    for finding, values in labels.findings.items():
+        row = metrics_for([None if s is None else s[finding] for s in scores], values,
+                          config.model.threshold, target_sensitivity)
+        rows.append({"label": finding, **row})
+    failed = [{"path": r.path, "reason": r.error.reason} for r in results if r.error]
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "metrics.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, COLUMNS, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    identity = classifier.identity
+    (out / "metrics.json").write_text(json.dumps({
+        "model": identity.name, "weights_sha256": identity.weights_sha256,
+        "untrained": identity.untrained, "labels_file": str(labels_path),
+        "images": len(results), "not_classified": failed,
+        "findings": [{key: _jsonable(value) for key, value in row.items()} for row in rows],
+    }, indent=2, allow_nan=False), encoding="utf-8")
+    _print(rows, identity, len(results), failed, out, stream)
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
+def _jsonable(value):
+    """NaN (a ratio with nothing to divide by, e.g. NPV with no negative calls) as null: JSON
+    has no NaN."""
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def _print(rows: list[dict], identity, images: int, failed: list, out: Path,
+           stream: TextIO) -> None:
+    stream.write(f"{identity.name} (weights {identity.weights_sha256[:12]}) on {images} "
+                 f"images{'; UNTRAINED weights: meaningless' if identity.untrained else ''}\n")
+    stream.write(f"{'finding':<28} {'n':>5} {'pos':>5} {'AUROC (95% CI)':>22} {'sens':>6} "
+                 f"{'spec':>6}\n")
+    for row in rows:
+        if "auroc" not in row:
+            stream.write(f"{row['label']:<28} {row['images']:>5} {row['positives']:>5}  "
+                         f"{row['note']}\n")
+            continue
+        stream.write(f"{row['label']:<28} {row['images']:>5} {row['positives']:>5} "
+                     f"{row['auroc']:>8.3f} ({row['auroc_low']:.3f}-{row['auroc_high']:.3f}) "
+                     f"{row['sensitivity']:>6.3f} {row['specificity']:>6.3f}\n")
+    if failed:
+        stream.write(f"{len(failed)} image(s) could not be classified: see metrics.json\n")
+    stream.write(f"written: {out / 'metrics.csv'}, {out / 'metrics.json'}\n")
