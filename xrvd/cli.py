@@ -97,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--labels", type=Path, required=True, metavar="LABELS.csv")
     evaluate.add_argument("--target-sensitivity", type=_threshold, default=0.9,
                           metavar="S", help="propose the threshold that reaches it (0.9)")
+    evaluate.add_argument("--format", dest="labels_format", default="csv",
+                          choices=("csv", "nih", "chexpert"),
+                          help="csv: a path column and one column per finding (1/0/empty); "
+                          "nih: NIH ChestX-ray14's Data_Entry_2017.csv; chexpert: CheXpert's "
+                          "train.csv or valid.csv (read by TorchXRayVision, as published)")
+    evaluate.add_argument("--images", type=Path, metavar="DIR",
+                          help="the folder of a dataset's images (default: the label file's)")
     evaluate.add_argument("out", type=Path, metavar="OUT")
 
     check = sub.add_parser("check-config", help="validate a config file and print the "
@@ -260,7 +267,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .commands.evaluate import evaluate
 
         return evaluate(config, args.labels, args.out,
-                        target_sensitivity=args.target_sensitivity)
+                        target_sensitivity=args.target_sensitivity, kind=args.labels_format,
+                        images=args.images)
     if args.command in ("status", "retry", "echo"):
         return _ops(args, config)
     if args.command == "demo":

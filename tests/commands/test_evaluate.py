@@ -80,3 +80,73 @@ def test_a_labels_table_that_names_no_finding_of_the_model_says_which_it_has(
                  str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "does not report ['Broken Bone']" in err and "Cardiomegaly" in err
+
+
+NIH_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
+              "View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],\n")
+CHEXPERT_FINDINGS = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly",
+                     "Lung Opacity", "Lung Lesion", "Edema", "Consolidation", "Pneumonia",
+                     "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
+                     "Fracture", "Support Devices"]
+
+
+def test_nih_chestxray14s_own_label_file(tmp_path, ready_weights, allow_untrained):
+    """Data_Entry_2017.csv as NIH publishes it (a lateral view is left out, as TorchXRayVision
+    does), the images beside it under their own names."""
+    from xrvd.commands.evaluate import read_dataset_labels
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for source in PNGS:  # nih_00000001_000.png -> 00000001_000.png
+        shutil.copy(source, images / source.name.removeprefix("nih_"))
+    labels = tmp_path / "Data_Entry_2017.csv"
+    labels.write_text(NIH_HEADER +
+                      "00000001_000.png,Cardiomegaly|Effusion,0,1,58,M,PA,2682,2749,0.143,0.143,\n"
+                      "00027426_000.png,No Finding,0,27426,45,F,AP,2500,2048,0.168,0.168,\n"
+                      "00000002_000.png,Mass,0,2,81,M,LL,2500,2048,0.171,0.171,\n")
+    read = read_dataset_labels("nih", labels, images,
+                               ("Cardiomegaly", "Effusion", "Mass", "Pneumonia"))
+    assert [f.name for f in read.files] == ["00000001_000.png", "00027426_000.png"]
+    assert read.findings == {"Cardiomegaly": [1, 0], "Effusion": [1, 0], "Mass": [0, 0],
+                             "Pneumonia": [0, 0]}
+
+    config = write_config(tmp_path, ready_weights(MODEL))
+    out = tmp_path / "report"
+    assert main(["evaluate", "-c", str(config), "--format", "nih", "--images", str(images),
+                 "--labels", str(labels), str(out)]) == 0
+    rows = {r["label"]: r for r in json.loads((out / "metrics.json").read_text())["findings"]}
+    classifier = Classifier.load(MODEL, ready_weights(MODEL), threads=1, allow_untrained=True)
+    scores = [{f.label: f.score for f in r.findings}
+              for r in classify_files(read.files, classifier)]
+    assert rows["Cardiomegaly"]["auroc"] == roc_auc_score(
+        [1, 0], [s["Cardiomegaly"] for s in scores])
+    assert "needs both" in rows["Mass"]["note"]
+
+
+def test_chexperts_own_label_file_leaves_uncertain_labels_out(tmp_path):
+    from xrvd.commands.evaluate import read_dataset_labels
+
+    labels = tmp_path / "valid.csv"
+    rows = [  # path, sex, age, frontal/lateral, AP/PA, then the findings
+        ("CheXpert-v1.0-small/valid/patient64541/study1/view1_frontal.jpg", "Male", 73,
+         "Frontal", "AP", {"Cardiomegaly": 1.0, "Pleural Effusion": -1.0, "Edema": 0.0}),
+        ("CheXpert-v1.0-small/valid/patient64542/study1/view1_frontal.jpg", "Female", 70,
+         "Frontal", "PA", {"No Finding": 1.0}),
+        ("CheXpert-v1.0-small/valid/patient64542/study1/view2_lateral.jpg", "Female", 70,
+         "Lateral", "", {"Cardiomegaly": 1.0}),
+    ]
+    with open(labels, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_FINDINGS])
+        for path, sex, age, view, position, values in rows:
+            writer.writerow([path, sex, age, view, position,
+                             *[values.get(name, "") for name in CHEXPERT_FINDINGS]])
+    (tmp_path / "images").mkdir()
+    read = read_dataset_labels("chexpert", labels, tmp_path / "images",
+                               ("Cardiomegaly", "Effusion", "Edema", "Pneumonia"))
+    assert [str(f.relative_to(tmp_path / "images")) for f in read.files] == [
+        "valid/patient64541/study1/view1_frontal.jpg",
+        "valid/patient64542/study1/view1_frontal.jpg"]
+    # -1 (uncertain) and blanks are left out; "No Finding" makes every finding negative.
+    assert read.findings == {"Cardiomegaly": [1, 0], "Effusion": [None, 0],
+                             "Edema": [0, 0], "Pneumonia": [None, 0]}

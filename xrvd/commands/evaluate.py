@@ -1,6 +1,7 @@
 """`xrvd evaluate --labels LABELS.csv OUT/`: how well the configured model does on a site's own
-labelled images (issue 19, first part: the tables; plots, the HTML report, the public
-datasets' label files, the journal's scores and several models come next).
+labelled images (issue 19, first part: the tables; plots, the HTML report, the journal's
+scores and several models come next). `--format nih|chexpert --images DIR` reads the public
+datasets' own label files instead, so that their published tables can be reproduced.
 
 LABELS.csv has a `path` column (an image file, relative to the CSV's folder or absolute) and
 one column per finding, named as the model names it (`xrvd models list`), holding 1
@@ -91,6 +92,49 @@ def read_labels(path: Path, known: tuple[str, ...]) -> Labels:
     return Labels(files, findings)
 
 
+DATASETS = ("csv", "nih", "chexpert")
+
+
+def read_dataset_labels(kind: str, csv_path: Path, images: Path,
+                        known: tuple[str, ...]) -> Labels:
+    """A public dataset's own label file, read by TorchXRayVision's dataset class as its
+    published tables were made (NIH ChestX-ray14's Data_Entry_2017.csv; CheXpert's
+    train.csv/valid.csv, whose -1 "uncertain" labels the library leaves out, and whose "No
+    Finding" rows it takes as negative for every finding): frontal views (PA and AP), every
+    image (not one per patient). Needs the full install."""
+    try:
+        import torchxrayvision as xrv
+    except ImportError as exc:
+        raise LabelsError(f"--format {kind} reads the label file with TorchXRayVision, which "
+                          "this service install does not have: run it on a full install, or "
+                          "write a generic labels table (--format csv)") from exc
+    if not csv_path.is_file() or not images.is_dir():
+        raise LabelsError(f"--format {kind} needs the label file ({csv_path}) and the folder "
+                          f"of its images (--images {images})")
+    try:
+        if kind == "nih":
+            dataset = xrv.datasets.NIH_Dataset(imgpath=str(images), csvpath=str(csv_path),
+                                               views=["PA", "AP"], unique_patients=False)
+            files = [images / name for name in dataset.csv["Image Index"]]
+        else:
+            dataset = xrv.datasets.CheX_Dataset(imgpath=str(images), csvpath=str(csv_path),
+                                                views=["PA", "AP"], unique_patients=False)
+            files = [images / str(name).replace("CheXpert-v1.0-small/", "")
+                     .replace("CheXpert-v1.0/", "") for name in dataset.csv["Path"]]
+    except (KeyError, ValueError, OSError) as exc:
+        raise LabelsError(f"{csv_path} is not a {kind} label file as TorchXRayVision reads it "
+                          f"({type(exc).__name__}: {str(exc)[:200]})") from exc
+    findings = {}
+    for column, pathology in enumerate(dataset.pathologies):
+        if pathology in known:
+            findings[pathology] = [None if math.isnan(value) else int(value)
+                                   for value in dataset.labels[:, column]]
+    if not findings:
+        raise LabelsError(f"{csv_path}: none of the model's findings {list(known)} is labelled "
+                          f"in it ({list(dataset.pathologies)})")
+    return Labels(files, findings)
+
+
 def metrics_for(scores: list[float | None], labels: list[int | None], threshold: float,
                 target_sensitivity: float) -> dict:
     """One finding's row: the images that have both a score and a label."""
@@ -115,9 +159,13 @@ def metrics_for(scores: list[float | None], labels: list[int | None], threshold:
 
 
 def evaluate(config, labels_path: Path, out: Path, *, target_sensitivity: float = 0.9,
-             stream: TextIO = sys.stdout) -> int:
+             kind: str = "csv", images: Path | None = None,
+             stream: TextIO | None = None) -> int:
+    """kind: csv (a generic labels table) or a public dataset's own label file (nih,
+    chexpert) with `images`, the folder of its images."""
     classifier = Classifier.from_config(config)
-    labels = read_labels(labels_path, classifier.labels)
+    labels = read_labels(labels_path, classifier.labels) if kind == "csv" else \
+        read_dataset_labels(kind, labels_path, images or labels_path.parent, classifier.labels)
     results = classify_files(labels.files, classifier, threshold=config.model.threshold,
                              batch_size=config.model.batch_size,
                              options=ConvertOptions(**config.convert.model_dump()))
@@ -141,7 +189,7 @@ def evaluate(config, labels_path: Path, out: Path, *, target_sensitivity: float 
         "images": len(results), "not_classified": failed,
         "findings": [{key: _jsonable(value) for key, value in row.items()} for row in rows],
     }, indent=2, allow_nan=False), encoding="utf-8")
-    _print(rows, identity, len(results), failed, out, stream)
+    _print(rows, identity, len(results), failed, out, stream or sys.stdout)
     return EXIT_PARTIAL if failed else EXIT_OK
 
 
