@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="csv: a path column and one column per finding (1/0/empty); "
                           "nih: NIH ChestX-ray14's Data_Entry_2017.csv; chexpert: CheXpert's "
                           "train.csv or valid.csv (read by TorchXRayVision, as published)")
+    evaluate.add_argument("-m", "--model", dest="models", action="append", choices=list(MODELS),
+                          metavar="NAME", help="a model to evaluate; repeat it to compare "
+                          "several on the same images (default: model.name)")
     evaluate.add_argument("--images", type=Path, metavar="DIR",
                           help="the folder of a dataset's images (default: the label file's)")
     evaluate.add_argument("out", type=Path, metavar="OUT")
@@ -267,6 +270,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .commands.evaluate import evaluate
 
         return evaluate(config, args.labels, args.out,
+                        models=tuple(args.models or ()),
                         target_sensitivity=args.target_sensitivity, kind=args.labels_format,
                         images=args.images)
     if args.command in ("status", "retry", "echo"):

@@ -60,7 +60,8 @@ def test_evaluate_writes_the_metrics_the_labels_imply(tmp_path, ready_weights, a
         [pneumonia[n] for n in labelled], [by_name[n]["Pneumonia"] for n in labelled])) < 1e-9
     assert "needs both" in rows["Mass"]["note"] and "auroc" not in rows["Mass"]
     assert [r["path"] for r in result["not_classified"]] == [str(folder / "missing.dcm")]
-    assert result["untrained"] is True and result["model"] == MODEL
+    assert result["models"] == [{"model": MODEL, "untrained": True,
+                                 "weights_sha256": classifier.identity.weights_sha256}]
     json.loads((out / "metrics.json").read_text(), parse_constant=lambda c: 1 / 0)  # no NaN
     # The threshold proposed for 90 % sensitivity reaches it on these images.
     effusion_row = rows["Effusion"]
@@ -150,3 +151,33 @@ def test_chexperts_own_label_file_leaves_uncertain_labels_out(tmp_path):
     # -1 (uncertain) and blanks are left out; "No Finding" makes every finding negative.
     assert read.findings == {"Cardiomegaly": [1, 0], "Effusion": [None, 0],
                              "Edema": [0, 0], "Pneumonia": [None, 0]}
+
+
+def test_several_models_are_compared_on_the_same_images(tmp_path, ready_weights,
+                                                        allow_untrained):
+    """Each model gets the findings it reports (the RSNA model has no Effusion)."""
+    other = "densenet121-res224-rsna"
+    ready_weights(MODEL)
+    weights = ready_weights(other)  # the same folder: both models' weights and graphs
+    folder = tmp_path / "site"
+    folder.mkdir()
+    for image in IMAGES:
+        shutil.copy(image, folder / image.name)
+    pneumonia = dict(zip((i.name for i in IMAGES), [1, 0, 1, 0, 0], strict=True))
+    effusion = dict(zip((i.name for i in IMAGES), [0, 1, 1, 0, 1], strict=True))
+    (folder / "labels.csv").write_text("path,Pneumonia,Effusion\n" + "".join(
+        f"{name},{pneumonia[name]},{effusion[name]}\n" for name in pneumonia))
+    config = write_config(tmp_path, weights)
+    out = tmp_path / "report"
+    assert main(["evaluate", "-c", str(config), "--labels", str(folder / "labels.csv"),
+                 "-m", MODEL, "-m", other, str(out)]) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    assert [m["model"] for m in result["models"]] == [MODEL, other]
+    assert [(r["model"], r["label"]) for r in result["findings"]] == [
+        (MODEL, "Pneumonia"), (MODEL, "Effusion"), (other, "Pneumonia")]
+    classifier = Classifier.load(other, weights, threads=1, allow_untrained=True)
+    scores = {r.path: {f.label: f.score for f in r.findings}
+              for r in classify_files([folder / n for n in pneumonia], classifier)}
+    expected = roc_auc_score(list(pneumonia.values()),
+                             [scores[str(folder / n)]["Pneumonia"] for n in pneumonia])
+    assert abs(result["findings"][2]["auroc"] - expected) < 1e-9

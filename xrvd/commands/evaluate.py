@@ -1,6 +1,6 @@
 """`xrvd evaluate --labels LABELS.csv OUT/`: how well the configured model does on a site's own
-labelled images (issue 19, first part: the tables; plots, the HTML report, the journal's
-scores and several models come next). `--format nih|chexpert --images DIR` reads the public
+labelled images (issue 19, first part: the tables, for one model or several compared on the
+same images; plots, the HTML report and the journal's scores come next). `--format nih|chexpert --images DIR` reads the public
 datasets' own label files instead, so that their published tables can be reproduced.
 
 LABELS.csv has a `path` column (an image file, relative to the CSV's folder or absolute) and
@@ -26,13 +26,14 @@ from typing import TextIO
 from ..errors import EXIT_OK, EXIT_PARTIAL, XrvdError
 from ..pipeline.convert import ConvertOptions
 from ..pipeline.models import Classifier
+from ..pipeline.registry import get_spec
 from ..stats import NotEnoughData, at_threshold, delong_interval, threshold_for
 from .classify import classify_files
 
 # Labels files are small tables; a larger one is not a labels file.
 MAX_LABELS_BYTES = 64 << 20
-COLUMNS = ("label", "images", "positives", "prevalence", "auroc", "auroc_low", "auroc_high",
-           "threshold", "sensitivity", "specificity", "ppv", "npv",
+COLUMNS = ("model", "label", "images", "positives", "prevalence", "auroc", "auroc_low",
+           "auroc_high", "threshold", "sensitivity", "specificity", "ppv", "npv",
            "target_sensitivity", "threshold_for_target", "specificity_at_target", "note")
 
 
@@ -158,38 +159,48 @@ def metrics_for(scores: list[float | None], labels: list[int | None], threshold:
             "note": ""}
 
 
-def evaluate(config, labels_path: Path, out: Path, *, target_sensitivity: float = 0.9,
-             kind: str = "csv", images: Path | None = None,
+def evaluate(config, labels_path: Path, out: Path, *, models: tuple[str, ...] = (),
+             target_sensitivity: float = 0.9, kind: str = "csv", images: Path | None = None,
              stream: TextIO | None = None) -> int:
-    """kind: csv (a generic labels table) or a public dataset's own label file (nih,
+    """models: the models to compare (default: the configured one), one after the other on the
+    same images. kind: csv (a generic labels table) or a public dataset's own label file (nih,
     chexpert) with `images`, the folder of its images."""
-    classifier = Classifier.from_config(config)
-    labels = read_labels(labels_path, classifier.labels) if kind == "csv" else \
-        read_dataset_labels(kind, labels_path, images or labels_path.parent, classifier.labels)
-    results = classify_files(labels.files, classifier, threshold=config.model.threshold,
-                             batch_size=config.model.batch_size,
-                             options=ConvertOptions(**config.convert.model_dump()))
-    scores = [{f.label: f.score for f in r.findings} if r.error is None else None
-              for r in results]
-    rows = []
-    for finding, values in labels.findings.items():
-        row = metrics_for([None if s is None else s[finding] for s in scores], values,
-                          config.model.threshold, target_sensitivity)
-        rows.append({"label": finding, **row})
-    failed = [{"path": r.path, "reason": r.error.reason} for r in results if r.error]
+    names = list(dict.fromkeys(models)) or [config.model.name]
+    known = tuple(dict.fromkeys(label for name in names for label in get_spec(name).label_names))
+    labels = read_labels(labels_path, known) if kind == "csv" else \
+        read_dataset_labels(kind, labels_path, images or labels_path.parent, known)
+    rows: list[dict] = []
+    identities: list[dict] = []
+    failed: dict[str, str] = {}
+    for name in names:
+        classifier = Classifier.from_config(config, name=name)
+        results = classify_files(labels.files, classifier, threshold=config.model.threshold,
+                                 batch_size=config.model.batch_size,
+                                 options=ConvertOptions(**config.convert.model_dump()))
+        scores = [{f.label: f.score for f in r.findings} if r.error is None else None
+                  for r in results]
+        for finding, values in labels.findings.items():
+            if finding in classifier.labels:
+                rows.append({"model": name, "label": finding, **metrics_for(
+                    [None if s is None else s[finding] for s in scores], values,
+                    config.model.threshold, target_sensitivity)})
+        identity = classifier.identity
+        identities.append({"model": identity.name, "weights_sha256": identity.weights_sha256,
+                           "untrained": identity.untrained})
+        failed.update({r.path: r.error.reason for r in results if r.error is not None})
+        del classifier  # one model in memory at a time
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "metrics.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, COLUMNS, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    identity = classifier.identity
+    not_classified = [{"path": path, "reason": reason} for path, reason in failed.items()]
     (out / "metrics.json").write_text(json.dumps({
-        "model": identity.name, "weights_sha256": identity.weights_sha256,
-        "untrained": identity.untrained, "labels_file": str(labels_path),
-        "images": len(results), "not_classified": failed,
+        "models": identities, "labels_file": str(labels_path), "images": len(labels.files),
+        "not_classified": not_classified,
         "findings": [{key: _jsonable(value) for key, value in row.items()} for row in rows],
     }, indent=2, allow_nan=False), encoding="utf-8")
-    _print(rows, identity, len(results), failed, out, stream or sys.stdout)
+    _print(rows, identities, len(labels.files), not_classified, out, stream or sys.stdout)
     return EXIT_PARTIAL if failed else EXIT_OK
 
 
@@ -199,20 +210,23 @@ def _jsonable(value):
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def _print(rows: list[dict], identity, images: int, failed: list, out: Path,
+def _print(rows: list[dict], identities: list[dict], images: int, failed: list, out: Path,
            stream: TextIO) -> None:
-    stream.write(f"{identity.name} (weights {identity.weights_sha256[:12]}) on {images} "
-                 f"images{'; UNTRAINED weights: meaningless' if identity.untrained else ''}\n")
-    stream.write(f"{'finding':<28} {'n':>5} {'pos':>5} {'AUROC (95% CI)':>22} {'sens':>6} "
-                 f"{'spec':>6}\n")
-    for row in rows:
-        if "auroc" not in row:
-            stream.write(f"{row['label']:<28} {row['images']:>5} {row['positives']:>5}  "
-                         f"{row['note']}\n")
-            continue
-        stream.write(f"{row['label']:<28} {row['images']:>5} {row['positives']:>5} "
-                     f"{row['auroc']:>8.3f} ({row['auroc_low']:.3f}-{row['auroc_high']:.3f}) "
-                     f"{row['sensitivity']:>6.3f} {row['specificity']:>6.3f}\n")
+    for identity in identities:
+        untrained = "; UNTRAINED weights: meaningless" if identity["untrained"] else ""
+        stream.write(f"{identity['model']} (weights {identity['weights_sha256'][:12]}) on "
+                     f"{images} images{untrained}\n")
+        stream.write(f"  {'finding':<28} {'n':>5} {'pos':>5} {'AUROC (95% CI)':>22} "
+                     f"{'sens':>6} {'spec':>6}\n")
+        for row in (r for r in rows if r["model"] == identity["model"]):
+            if "auroc" not in row:
+                stream.write(f"  {row['label']:<28} {row['images']:>5} {row['positives']:>5}  "
+                             f"{row['note']}\n")
+                continue
+            stream.write(f"  {row['label']:<28} {row['images']:>5} {row['positives']:>5} "
+                         f"{row['auroc']:>8.3f} ({row['auroc_low']:.3f}-"
+                         f"{row['auroc_high']:.3f}) {row['sensitivity']:>6.3f} "
+                         f"{row['specificity']:>6.3f}\n")
     if failed:
         stream.write(f"{len(failed)} image(s) could not be classified: see metrics.json\n")
     stream.write(f"written: {out / 'metrics.csv'}, {out / 'metrics.json'}\n")
