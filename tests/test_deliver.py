@@ -18,6 +18,16 @@ from xrvd.report.build import build_report
 from .harness import NIH_SC, report_identity, require_tool, scores_for
 
 
+def written_report(tmp_path):
+    """A report on the NIH image, and the file it was saved to."""
+    source = pydicom.dcmread(NIH_SC, stop_before_pixels=True)
+    report = build_report([source], scores_for([source], "densenet121-res224-nih"),
+                          report_identity("densenet121-res224-nih"), 0.5)
+    path = tmp_path / "sr.dcm"
+    report.save_as(path, enforce_file_format=True)
+    return report, path
+
+
 def test_delivery_over_tls(tmp_path):
     """A TLS peer with a certificate for 127.0.0.1: the report is sent when the CA is
     trusted, and refused when it is not."""
@@ -37,11 +47,7 @@ def test_delivery_over_tls(tmp_path):
                              evt_handlers=[(evt.EVT_C_STORE,
                                             lambda e: received.append(e.dataset) or 0)])
     try:
-        source = pydicom.dcmread(NIH_SC, stop_before_pixels=True)
-        report = build_report([source], scores_for([source], "densenet121-res224-nih"),
-                              report_identity("densenet121-res224-nih"), 0.5)
-        path = tmp_path / "sr.dcm"
-        report.save_as(path, enforce_file_format=True)
+        report, path = written_report(tmp_path)
         peer = {"name": "tls", "ae_title": "PACS", "host": "127.0.0.1",
                 "port": server.server_address[1]}
         stored, detail = send_report(str(path), Destination(**peer, tls={"ca_file": cert}), 10,
@@ -88,11 +94,7 @@ def test_a_destination_announcing_an_endless_reply_is_dropped_before_reading_it(
         return made[-1]
 
     try:
-        source = pydicom.dcmread(NIH_SC, stop_before_pixels=True)
-        report = build_report([source], scores_for([source], "densenet121-res224-nih"),
-                              report_identity("densenet121-res224-nih"), 0.5)
-        path = tmp_path / "sr.dcm"
-        report.save_as(path, enforce_file_format=True)
+        _, path = written_report(tmp_path)
         destination = Destination(name="liar", ae_title="PACS", host="127.0.0.1",
                                   port=listener.getsockname()[1])
         stored, detail = send_report(str(path), destination, 10, requestor=requestor)

@@ -30,6 +30,7 @@ def list_models(weights_dir: Path, *, verify: bool = False,
     rows = []
     for spec in MODELS.values():
         path = weights.weights_path(spec, weights_dir)
+        packaged = package.package_path(spec, weights_dir)
         present = path.is_file()
         row = {
             "name": spec.name,
@@ -41,8 +42,7 @@ def list_models(weights_dir: Path, *, verify: bool = False,
             "weights_path": str(path),
             "present": present,
             "size_bytes": path.stat().st_size if present else None,
-            "package": str(package.package_path(spec, weights_dir))
-            if package.package_path(spec, weights_dir).is_file() else None,
+            "package": str(packaged) if packaged.is_file() else None,
         }
         if verify and present and not torch_installed():
             row["status"] = "ok (not verified: loading weights needs PyTorch, and this is a " \
