@@ -9,6 +9,8 @@ import csv
 import json
 import shutil
 
+import pytest
+
 from sklearn.metrics import roc_auc_score
 
 from xrvd.cli import main
@@ -181,3 +183,17 @@ def test_several_models_are_compared_on_the_same_images(tmp_path, ready_weights,
     expected = roc_auc_score(list(pneumonia.values()),
                              [scores[str(folder / n)]["Pneumonia"] for n in pneumonia])
     assert abs(result["findings"][2]["auroc"] - expected) < 1e-9
+
+
+def test_a_labels_table_larger_than_any_is_not_read(tmp_path, monkeypatch):
+    from xrvd.commands import evaluate as evaluate_module
+    from xrvd.commands.evaluate import LabelsError, read_dataset_labels, read_labels
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,Effusion\n" + "x.dcm,1\n" * 100)
+    (tmp_path / "images").mkdir()
+    monkeypatch.setattr(evaluate_module, "MAX_LABELS_BYTES", 100)
+    for read in (lambda: read_labels(labels, ("Effusion",)),
+                 lambda: read_dataset_labels("nih", labels, tmp_path / "images", ("Effusion",))):
+        with pytest.raises(LabelsError, match="larger than 100 bytes"):
+            read()

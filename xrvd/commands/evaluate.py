@@ -51,10 +51,8 @@ class Labels:
 
 def read_labels(path: Path, known: tuple[str, ...]) -> Labels:
     """The labels table; findings matched to the model's names without regard to case."""
+    _check_size(path)
     try:
-        if path.stat().st_size > MAX_LABELS_BYTES:
-            raise LabelsError(f"{path} is larger than {MAX_LABELS_BYTES} bytes: not a labels "
-                              "table")
         with open(path, newline="", encoding="utf-8-sig") as handle:
             rows = list(csv.DictReader(handle))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
@@ -93,7 +91,15 @@ def read_labels(path: Path, known: tuple[str, ...]) -> Labels:
     return Labels(files, findings)
 
 
-DATASETS = ("csv", "nih", "chexpert")
+def _check_size(path: Path) -> None:
+    """Before a labels table is read whole (by csv here, or by pandas in TorchXRayVision)."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise LabelsError(f"cannot read the labels table {path}: {exc}") from exc
+    if size > MAX_LABELS_BYTES:
+        raise LabelsError(f"{path} is larger than {MAX_LABELS_BYTES} bytes: not a labels table "
+                          "(NIH's Data_Entry_2017.csv is 8 MB, CheXpert's train.csv 26 MB)")
 
 
 def read_dataset_labels(kind: str, csv_path: Path, images: Path,
@@ -112,6 +118,7 @@ def read_dataset_labels(kind: str, csv_path: Path, images: Path,
     if not csv_path.is_file() or not images.is_dir():
         raise LabelsError(f"--format {kind} needs the label file ({csv_path}) and the folder "
                           f"of its images (--images {images})")
+    _check_size(csv_path)
     try:
         if kind == "nih":
             dataset = xrv.datasets.NIH_Dataset(imgpath=str(images), csvpath=str(csv_path),
