@@ -78,6 +78,9 @@ class ModelConfig(Section):
     weights_dir: Path | None = None
     # 0.5 is the operating point TorchXRayVision's calibration maps every label to.
     threshold: Annotated[float, AfterValidator(_unit_interval)] = 0.5
+    # Per finding, by the model's name for it (`xrvd models list`): e.g. {Cardiomegaly: 0.62},
+    # as `xrvd evaluate --write-thresholds` proposes them. The rest use `threshold`.
+    thresholds: dict[str, Annotated[float, AfterValidator(_unit_interval)]] = {}
     # Hospital networks are often offline or filtered: fetch only when explicitly allowed.
     allow_download: bool = False
     # Base URL of a local mirror of TorchXRayVision's release files (default: upstream).
