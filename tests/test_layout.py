@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "xrvd"
 WINGS = ("entry", "commands", "runtime", "ingest", "engine", "report", "store", "pipeline",
          "leaves")
 ENGINE = {"worker", "pool", "forkserver", "deliver", "events"}
-LEAVES = {"__init__", "config", "config_base", "sources", "web", "stats", "errors", "log",
+LEAVES = {"__init__", "config", "config_base", "sources", "web", "stats", "thresholds", "errors", "log",
           "systemd", "metrics", "fsutil", "cpus"}
 
 

@@ -15,7 +15,6 @@ from . import __version__
 from .errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, ConfigError, XrvdError
 
 
-
 def _threshold(text: str) -> float:
     try:
         value = float(text)
@@ -81,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                           metavar="NAME", help="model (default: model.name from the config); "
                           "--weights is accepted as in TorchXRayVision's scripts")
     classify.add_argument("-t", "--threshold", type=_threshold,
-                          help="call positive at or above this score (default: 0.5, the "
-                          "operating point the calibration maps to 0.5)")
+                          help="call every finding positive at or above this score "
+                          "(default: model.threshold, 0.5, the operating point the "
+                          "calibration maps to 0.5, and model.thresholds for the findings "
+                          "given their own)")
     classify.add_argument("-f", "--format", choices=FORMATS, default="table")
     classify.add_argument("--batch-size", type=_positive_int)
     classify.add_argument("--weights-dir", type=Path, help="override model.weights_dir")
@@ -290,9 +291,11 @@ def _classify(args: argparse.Namespace, config) -> int:
     from .commands.classify import classify_files, render
     from .pipeline.convert import ConvertOptions
     from .pipeline.models import Classifier
+    from .thresholds import Thresholds
 
-    threshold = config.model.threshold if args.threshold is None else args.threshold
     classifier = Classifier.from_config(config, name=args.model, weights_dir=args.weights_dir)
+    threshold = (Thresholds.of_config(config.model, classifier.labels)
+                 if args.threshold is None else Thresholds(args.threshold))
     results = classify_files(
         args.files, classifier, threshold=threshold,
         batch_size=args.batch_size or config.model.batch_size,
@@ -350,11 +353,13 @@ def _backfill_source(args: argparse.Namespace, config, workers: int) -> int:
 
 def _export(args: argparse.Namespace, config) -> int:
     from .commands.export import export
+    from .config import FINDING_NAMES
+    from .thresholds import Thresholds
 
     fmt = args.format or {".jsonl": "jsonl", ".parquet": "parquet"}.get(
         Path(args.out).suffix.lower(), "csv")
     count = export(config.state_dir, args.out, fmt, since=args.since, model=args.model,
-                   default_threshold=config.model.threshold)
+                   configured=Thresholds.of_config(config.model, FINDING_NAMES))
     print(f"xrvd: exported {count} classified image(s) to {args.out} ({fmt})", file=sys.stderr)
     return EXIT_OK
 

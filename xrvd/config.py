@@ -48,6 +48,13 @@ MODEL_NAMES = (
     "densenet121-res224-rsna", "resnet50-res512-all", "jfhealthcare-densenet121-res512",
 )
 DEFAULT_MODEL = "densenet121-res224-all"
+# Every finding a supported model can report: the 18 outputs of TorchXRayVision's classifiers,
+# in their output order (pipeline/registry.py builds each model's labels from it).
+FINDING_NAMES = (
+    "Atelectasis", "Consolidation", "Infiltration", "Pneumothorax", "Edema", "Emphysema",
+    "Fibrosis", "Effusion", "Pneumonia", "Pleural_Thickening", "Cardiomegaly", "Nodule", "Mass",
+    "Hernia", "Lung Lesion", "Fracture", "Lung Opacity", "Enlarged Cardiomediastinum",
+)
 
 
 def _unit_interval(value: float) -> float:
@@ -65,6 +72,23 @@ def _known_model(name: str) -> str:
     return name
 
 
+def _finding_thresholds(values: dict[str, float]) -> dict[str, float]:
+    """Findings as the models spell them (`cardiomegaly` is taken for `Cardiomegaly`); a name
+    no model reports is refused with the nearest one, so a typo cannot leave a finding at the
+    default threshold without a word."""
+    by_name = {name.lower(): name for name in FINDING_NAMES}
+    out = {}
+    for key, value in values.items():
+        name = by_name.get(str(key).strip().lower())
+        if name is None:
+            close = difflib.get_close_matches(str(key), FINDING_NAMES, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"{key!r} is not a finding; {hint}the findings are: "
+                             f"{', '.join(FINDING_NAMES)}")
+        out[name] = value
+    return out
+
+
 def _process_count(value: Any) -> int | str:
     if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)
                            and 0 <= value <= 64):
@@ -80,7 +104,10 @@ class ModelConfig(Section):
     threshold: Annotated[float, AfterValidator(_unit_interval)] = 0.5
     # Per finding, by the model's name for it (`xrvd models list`): e.g. {Cardiomegaly: 0.62},
     # as `xrvd evaluate --write-thresholds` proposes them. The rest use `threshold`.
-    thresholds: dict[str, Annotated[float, AfterValidator(_unit_interval)]] = {}
+    # Findings this model does not report are left out at load, with a warning (model.*
+    # events): the same file may serve another model.
+    thresholds: Annotated[dict[str, Annotated[float, AfterValidator(_unit_interval)]],
+                          AfterValidator(_finding_thresholds)] = {}
     # Hospital networks are often offline or filtered: fetch only when explicitly allowed.
     allow_download: bool = False
     # Base URL of a local mirror of TorchXRayVision's release files (default: upstream).

@@ -11,8 +11,6 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .errors import ConfigError
-
 
 @dataclass(frozen=True)
 class Thresholds:
@@ -20,44 +18,43 @@ class Thresholds:
     per_finding: tuple[tuple[str, float], ...] = ()  # sorted by name: equal values compare equal
 
     @classmethod
-    def of_config(cls, model_config, labels: Sequence[str], *,
-                  source: str = "configuration") -> Thresholds:
-        """`model.threshold` and `model.thresholds` for a model reporting `labels`. A finding
-        is matched to the model's name for it without regard to case; one the model does not
-        report is a configuration error (a typo would otherwise leave that finding at the
-        default without a word)."""
-        return cls.make(model_config.threshold, model_config.thresholds, labels, source=source)
+    def of_config(cls, model_config, labels: Sequence[str]) -> Thresholds:
+        """`model.threshold` and, for the findings among `labels`, `model.thresholds` (whose
+        names config.py has already put in the models' spelling)."""
+        return cls.make(model_config.threshold, model_config.thresholds, labels)
 
     @classmethod
-    def make(cls, default: float, overrides: Mapping[str, float], labels: Sequence[str], *,
-             source: str = "configuration") -> Thresholds:
-        by_name = {label.lower(): label for label in labels}
-        chosen: dict[str, float] = {}
-        problems = []
-        for key, value in overrides.items():
-            name = by_name.get(str(key).strip().lower())
-            if name is None:
-                problems.append(f"model.thresholds.{key}: the model does not report {key!r}; "
-                                f"its findings are: {', '.join(labels)}")
-            else:
-                chosen[name] = float(value)
-        if problems:
-            raise ConfigError(source, problems)
-        return cls(float(default), tuple(sorted(chosen.items())))
+    def make(cls, default: float, overrides: Mapping[str, float],
+             labels: Sequence[str]) -> Thresholds:
+        return cls(float(default), tuple(sorted((name, float(value))
+                                                for name, value in overrides.items()
+                                                if name in labels)))
+
+    @staticmethod
+    def unused(model_config, labels: Sequence[str]) -> list[str]:
+        """Findings given a threshold that this model does not report (worth a warning)."""
+        return sorted(name for name in model_config.thresholds if name not in labels)
+
+    @classmethod
+    def coerce(cls, value: Thresholds | float) -> Thresholds:
+        """A plain number: one threshold for every finding."""
+        return value if isinstance(value, Thresholds) else cls(float(value))
 
     @property
     def overrides(self) -> dict[str, float]:
         return dict(self.per_finding)
 
     def of(self, label: str) -> float:
-        return self.overrides.get(label, self.default)
+        for name, value in self.per_finding:
+            if name == label:
+                return value
+        return self.default
 
     def positive(self, label: str, score: float) -> bool:
         return bool(score >= self.of(label))
 
     def describe(self) -> str:
-        """`0.5`, or `0.5; Cardiomegaly 0.62, Effusion 0.4`: for tables and the SR's algorithm
-        parameters."""
+        """`0.5`, or `0.5; Cardiomegaly 0.62, Effusion 0.4`, for tables."""
         if not self.per_finding:
             return f"{self.default:g}"
         return f"{self.default:g}; " + ", ".join(f"{k} {v:g}" for k, v in self.per_finding)

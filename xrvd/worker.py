@@ -49,6 +49,7 @@ from .report.files import (
     write_report,
 )
 from .store import InstanceRow, Store, StudyClaim
+from .thresholds import Thresholds
 
 
 @dataclass
@@ -101,9 +102,9 @@ class Worker:
         self.classifier = classifier
         self.on_report = on_report  # wakes delivery
         self.on_event = on_event  # what was done, for a caller's progress display
+        self.log = get_logger(component="worker", model=classifier.identity.name)
         self.apply(config)
         self.options = ConvertOptions(**config.convert.model_dump())
-        self.log = get_logger(component="worker", model=classifier.identity.name)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="xrvd-worker", daemon=True)
         self.heartbeat = time.monotonic()
@@ -116,6 +117,12 @@ class Worker:
         """Take a reloaded config: thresholds, selection rules, settling, batch size."""
         self.config = config
         self.rules = SelectRules.from_config(config.select)
+        labels = self.classifier.labels
+        self.thresholds = Thresholds.of_config(config.model, labels)
+        unused = Thresholds.unused(config.model, labels)
+        if unused:
+            self.log.warning("model.thresholds_unused", findings=unused,
+                             detail="the model does not report these findings")
 
     def start(self) -> None:
         self._thread.start()
@@ -281,7 +288,7 @@ class Worker:
             study_uid=item.claim.study_uid, generation=item.claim.generation,
             sources=[ds for _, ds in item.sources],
             scores={row.sop_uid: item.scores[row.id] for row, _ in item.sources},
-            identity=self.classifier.identity, threshold=self.config.model.threshold,
+            identity=self.classifier.identity, thresholds=self.thresholds,
             output=OutputSettings(Path(output.folder), output.sr_flavour, output.series_number,
                                   output.series_description, output.json_sidecar),
             predecessor=self.store.previous_result(item.claim))
@@ -336,12 +343,12 @@ class Worker:
             metrics.REPORTED.inc()
         metrics.CLASSIFY_SECONDS.observe(time.perf_counter() - item.started)
         metrics.END_TO_END_SECONDS.observe(max(0.0, time.time() - claim.last_instance_at))
-        threshold = self.config.model.threshold
         self.log.info(
             "study.classified", study_instance_uid=claim.study_uid,
             generation=claim.generation, classified=len(scores), skipped=item.skipped,
             positives=sorted({label for labels in scores.values()
-                              for label, score in labels.items() if score >= threshold}),
+                              for label, score in labels.items()
+                              if self.thresholds.positive(label, score)}),
             result=str(result_path) if result_path else None, next_state=state,
             duration_s=round(time.perf_counter() - item.started, 4))
 
@@ -350,7 +357,7 @@ class Worker:
         """Journal a finished run (and its report's deliveries); wake the deliverer for them."""
         state = self.store.finish_run(
             claim, scores, result_path, [d.name for d in self.config.destinations],
-            threshold=self.config.model.threshold,
+            threshold=self.thresholds.default, thresholds=self.thresholds.overrides_json(),
             untrained=self.classifier.identity.untrained)
         if result_path is not None and self.config.destinations:
             self.on_report()

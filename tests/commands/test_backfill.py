@@ -220,7 +220,8 @@ def test_dicomdir_media_and_limit(tmp_path, ready_weights, allow_untrained, caps
     assert main(["export", "-c", str(config), str(out)]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["sop_instance_uid"] for r in records) == sorted(sops[:2])
-    assert all(set(r["findings"]["Pneumonia"]) == {"score", "positive"} for r in records)
+    assert all(set(r["findings"]["Pneumonia"]) == {"score", "threshold", "positive"}
+               for r in records)
     parquet = tmp_path / "results.parquet"
     assert main(["export", "-c", str(config), str(parquet)]) == 0
     import pyarrow.parquet as pq

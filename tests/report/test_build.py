@@ -18,8 +18,9 @@ from xrvd.report.build import (
     report_uid,
 )
 from xrvd.report.files import safe_name
+from xrvd.thresholds import Thresholds
 
-from ..harness import NIH_SC, RSNA_JPEG, WG04_CR, dciodvfy_errors, scores_for
+from ..harness import MODEL, NIH_SC, RSNA_JPEG, WG04_CR, dciodvfy_errors, scores_for
 from ..harness import report_identity as identity
 
 SOURCES = [WG04_CR, NIH_SC, RSNA_JPEG]
@@ -111,3 +112,29 @@ def test_result_names_never_come_from_unsafe_uids():
     for hostile in ("../../etc/passwd", "1.2/3", "", "1." * 40):
         name = safe_name(hostile)
         assert "/" not in name and ".." not in name and name.startswith("x")
+
+
+def test_a_finding_with_a_threshold_of_its_own_is_called_at_it():
+    """model.thresholds: Present/Absent per finding at its own threshold, the rest at the
+    default, and every threshold named in the algorithm's parameters."""
+    sources = [pydicom.dcmread(NIH_SC, stop_before_pixels=True)]
+    uid = str(sources[0].SOPInstanceUID)
+    scores = {uid: {"Cardiomegaly": 0.4, "Effusion": 0.6, "Pneumonia": 0.45}}
+    thresholds = Thresholds(0.5, (("Cardiomegaly", 0.3), ("Effusion", 0.7)))
+    sr = build_report(sources, scores, identity(MODEL), thresholds)
+    calls = {meaning: present for meaning, (_, present) in read_findings(sr)[uid].items()}
+    assert calls == {FINDING_CODES["Cardiomegaly"][2]: True,
+                     FINDING_CODES["Effusion"][2]: False,
+                     FINDING_CODES["Pneumonia"][2]: False}
+    assert {"threshold=0.5", "threshold Cardiomegaly=0.3",
+            "threshold Effusion=0.7"} <= _texts(sr)
+
+
+def _texts(dataset) -> set[str]:
+    """Every TEXT content item's value, at any depth of the content tree."""
+    found = set()
+    for item in dataset.get("ContentSequence", []):
+        if item.get("ValueType") == "TEXT":
+            found.add(str(item.TextValue))
+        found |= _texts(item)
+    return found

@@ -3,6 +3,7 @@ sending in each destination's flavour, equal to what pydicom reads from the file
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import threading
@@ -29,6 +30,7 @@ from xrvd.report.files import (
     safe_name,
     write_report,
 )
+from xrvd.thresholds import Thresholds
 
 from ..harness import NIH_SC, WG04_CR, require_tool
 
@@ -58,11 +60,12 @@ def random_scores(sources, seed: int) -> dict[str, dict[str, float]]:
 
 
 def write(folder, sources, scores, generation: int, who: ModelIdentity | None = None,
-          flavour: str = "comprehensive3d"):
+          flavour: str = "comprehensive3d", thresholds: Thresholds = Thresholds(0.5),
+          sidecar: bool = False):
     written = write_report(ReportJob(
         study_uid=str(sources[0].StudyInstanceUID), generation=generation,
-        sources=list(sources), scores=scores, identity=who or identity(), threshold=0.5,
-        output=OutputSettings(folder, flavour, 9901, "AI RESULT (xrvd) - test", False)))
+        sources=list(sources), scores=scores, identity=who or identity(), thresholds=thresholds,
+        output=OutputSettings(folder, flavour, 9901, "AI RESULT (xrvd) - test", sidecar)))
     assert written.error is None, written.error
     return written.path
 
@@ -71,6 +74,19 @@ def dciodvfy_errors(path) -> list[str]:
     dciodvfy = require_tool("dciodvfy", "dicom3tools")
     done = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=60)
     return [line for line in (done.stdout + done.stderr).splitlines() if "Error" in line]
+
+
+def test_the_sidecar_gives_each_finding_the_threshold_it_was_called_at(study, tmp_path):
+    scores = {uid: {label: 0.4 for label in labels}
+              for uid, labels in random_scores(study, seed=3).items()}
+    path = write(tmp_path, study, scores, 0, thresholds=Thresholds(0.5, (("Cardiomegaly", 0.3),)),
+                 sidecar=True)
+    sidecar = json.loads(Path(path).with_suffix(".json").read_text())
+    assert sidecar["threshold"] == 0.5 and sidecar["thresholds"] == {"Cardiomegaly": 0.3}
+    for image in sidecar["images"]:
+        calls = {f["label"]: (f["threshold"], f["positive"]) for f in image["findings"]}
+        assert calls.pop("Cardiomegaly") == (0.3, True)
+        assert set(calls.values()) == {(0.5, False)}
 
 
 # --- finding an earlier report -----------------------------------------------------------

@@ -23,6 +23,7 @@ from ..pipeline.convert import ConvertOptions, prepare_file
 from ..pipeline.models import Classifier, ModelIdentity
 from ..pipeline.prepare import conversion_errors
 from ..pipeline.untrained import UNTRAINED_BANNER
+from ..thresholds import Thresholds
 
 FORMATS = ("table", "json", "csv")
 
@@ -32,6 +33,7 @@ class Finding:
     label: str
     score: float
     positive: bool
+    threshold: float = 0.5  # the one it was called at
 
 
 @dataclass
@@ -42,8 +44,10 @@ class FileResult:
 
 
 def classify_files(paths: Iterable[str | os.PathLike], classifier: Classifier, *,
-                   threshold: float = 0.5, batch_size: int = 8,
+                   threshold: Thresholds | float = 0.5, batch_size: int = 8,
                    options: ConvertOptions = ConvertOptions()) -> list[FileResult]:
+    """threshold: the operating points (a plain number: one for every finding)."""
+    thresholds = Thresholds.coerce(threshold)
     log = get_logger(model=classifier.identity.name)
     results: list[FileResult] = []
     pending: list[tuple[FileResult, np.ndarray]] = []
@@ -60,7 +64,8 @@ def classify_files(paths: Iterable[str | os.PathLike], classifier: Classifier, *
                 log.warning("image.rejected", file=result.path, reason=result.error.reason)
                 continue
             result.findings = sorted(
-                (Finding(label, float(score), bool(score >= threshold))
+                (Finding(label, float(score), thresholds.positive(label, score),
+                         thresholds.of(label))
                  for label, score in zip(classifier.labels, row, strict=True)),
                 key=lambda finding: finding.score, reverse=True,
             )
@@ -102,7 +107,7 @@ def _prepare(path: str | os.PathLike, resolution: int, options: ConvertOptions):
 # --- output ---------------------------------------------------------------------------
 
 
-def render(results: list[FileResult], identity: ModelIdentity, threshold: float,
+def render(results: list[FileResult], identity: ModelIdentity, threshold: Thresholds,
            fmt: str) -> str:
     if fmt == "json":
         return render_json(results, identity, threshold)
@@ -111,7 +116,8 @@ def render(results: list[FileResult], identity: ModelIdentity, threshold: float,
     return render_table(results, identity, threshold)
 
 
-def render_table(results: list[FileResult], identity: ModelIdentity, threshold: float) -> str:
+def render_table(results: list[FileResult], identity: ModelIdentity,
+                 threshold: Thresholds) -> str:
     lines: list[str] = []
     for result in results:
         lines.append(f"{result.path}")
@@ -119,21 +125,25 @@ def render_table(results: list[FileResult], identity: ModelIdentity, threshold: 
             lines.append(f"  NOT CLASSIFIED ({result.error.reason}): {result.error.detail}")
             lines.append("")
             continue
-        lines.append(f"  model {identity.name}, threshold {threshold:.2f}")
+        lines.append(f"  model {identity.name}, threshold {threshold.describe()}")
         if identity.untrained:
             lines.append(f"  !! {UNTRAINED_BANNER}")
         width = max(len("Finding"), *(len(f.label) for f in result.findings))
-        lines.append(f"  {'Finding':<{width}}  {'Score':>5}  Call")
+        own = bool(threshold.per_finding)  # a threshold column only when they differ
+        head = f"  {'Finding':<{width}}  {'Score':>5}  " + ("Thresh  " if own else "")
+        lines.append(head + "Call")
         for finding in result.findings:
             # Untrained scores must never read as a finding, not even in a demo.
             call = ("n/a (untrained)" if identity.untrained
                     else "POSITIVE" if finding.positive else "negative")
-            lines.append(f"  {finding.label:<{width}}  {finding.score:5.3f}  {call}")
+            at = f"{finding.threshold:6.3f}  " if own else ""
+            lines.append(f"  {finding.label:<{width}}  {finding.score:5.3f}  {at}{call}")
         lines.append("")
     return "\n".join(lines)
 
 
-def render_json(results: list[FileResult], identity: ModelIdentity, threshold: float) -> str:
+def render_json(results: list[FileResult], identity: ModelIdentity,
+                threshold: Thresholds) -> str:
     document = {
         "model": {
             "name": identity.name,
@@ -142,7 +152,8 @@ def render_json(results: list[FileResult], identity: ModelIdentity, threshold: f
             "weights_sha256": identity.weights_sha256,
             "torchxrayvision_version": identity.torchxrayvision_version,
         },
-        "threshold": threshold,
+        "threshold": threshold.default,
+        "thresholds": threshold.overrides,
         "untrained": identity.untrained,
         "results": [_json_result(result) for result in results],
     }
@@ -158,13 +169,15 @@ def _json_result(result: FileResult) -> dict:
     return {
         "file": result.path,
         "findings": [
-            {"label": f.label, "score": round(f.score, 6), "positive": f.positive}
+            {"label": f.label, "score": round(f.score, 6), "threshold": f.threshold,
+             "positive": f.positive}
             for f in result.findings
         ],
     }
 
 
-CSV_COLUMNS = ("file", "model", "label", "score", "positive", "untrained", "error_reason", "error")
+CSV_COLUMNS = ("file", "model", "label", "score", "threshold", "positive", "untrained",
+               "error_reason", "error")
 
 
 def render_csv(results: list[FileResult], identity: ModelIdentity) -> str:
@@ -174,10 +187,10 @@ def render_csv(results: list[FileResult], identity: ModelIdentity) -> str:
     untrained = str(identity.untrained).lower()
     for result in results:
         if result.error is not None:
-            writer.writerow([result.path, identity.name, "", "", "", untrained,
+            writer.writerow([result.path, identity.name, "", "", "", "", untrained,
                              result.error.reason, result.error.detail])
             continue
         for f in result.findings:
             writer.writerow([result.path, identity.name, f.label, f"{f.score:.6f}",
-                             str(f.positive).lower(), untrained, "", ""])
+                             f"{f.threshold:g}", str(f.positive).lower(), untrained, "", ""])
     return out.getvalue()

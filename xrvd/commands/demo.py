@@ -20,6 +20,7 @@ from ..pipeline.convert import ConvertOptions
 from ..pipeline.models import Classifier
 from ..pipeline.registry import get_spec
 from ..pipeline.untrained import UNTRAINED_BANNER, write_untrained_weights
+from ..thresholds import Thresholds
 from .classify import classify_files, render_table
 
 SAMPLE = "rsna_cr_chest_jpeg_baseline.dcm"
@@ -66,6 +67,6 @@ def _run_untrained(config: Config, sample: Path, out: IO[str], err: IO[str]) -> 
 def _classify_and_print(classifier: Classifier, config: Config, sample: Path,
                         out: IO[str]) -> None:
     options = ConvertOptions(**config.convert.model_dump())
-    results = classify_files([sample], classifier, threshold=config.model.threshold,
-                             options=options)
-    print(render_table(results, classifier.identity, config.model.threshold), file=out)
+    thresholds = Thresholds.of_config(config.model, classifier.labels)
+    results = classify_files([sample], classifier, threshold=thresholds, options=options)
+    print(render_table(results, classifier.identity, thresholds), file=out)

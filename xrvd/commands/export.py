@@ -18,11 +18,12 @@ from pathlib import Path
 from ..errors import XrvdError
 from ..pipeline.registry import MODELS
 from ..store.results import ImageResult, iter_results, models_with_results, open_journal
+from ..thresholds import Thresholds
 
 FORMATS = ("csv", "jsonl", "parquet")
 BASE_COLUMNS = ("study_instance_uid", "series_instance_uid", "sop_instance_uid", "view",
                 "model", "weights_sha256", "untrained", "generation", "threshold",
-                "received_at", "classified_at", "report_path", "file")
+                "thresholds", "received_at", "classified_at", "report_path", "file")
 PARQUET_BATCH = 10_000
 
 
@@ -44,37 +45,45 @@ def labels_for(models: list[str]) -> list[str]:
     return list(labels)
 
 
-def threshold_of(result: ImageResult, default: float) -> float:
-    """The threshold the run recorded (journals from before it was recorded: the config's)."""
-    return result.threshold if result.threshold is not None else default
+def thresholds_of(result: ImageResult, configured: Thresholds) -> Thresholds:
+    """The thresholds the run recorded (journals from before they were recorded: the
+    config's)."""
+    if result.threshold is None:
+        return configured
+    return Thresholds.make(result.threshold, result.threshold_overrides,
+                           list(result.threshold_overrides))
 
 
-def base_record(result: ImageResult, threshold: float) -> dict:
+def base_record(result: ImageResult, thresholds: Thresholds) -> dict:
     return {
         "study_instance_uid": result.study_uid, "series_instance_uid": result.series_uid,
         "sop_instance_uid": result.sop_uid, "view": result.view, "model": result.model,
         "weights_sha256": result.weights_sha256, "untrained": result.untrained,
-        "generation": result.generation, "threshold": threshold,
+        "generation": result.generation, "threshold": thresholds.default,
+        # the findings called at a threshold of their own, as JSON ("" when there are none)
+        "thresholds": thresholds.overrides_json() or "",
         "received_at": _iso(result.received_at), "classified_at": _iso(result.classified_at),
         "report_path": result.report_path or "", "file": result.file,
     }
 
 
 def wide_records(results: Iterator[ImageResult], labels: list[str],
-                 default_threshold: float) -> Iterator[dict]:
+                 configured: Thresholds) -> Iterator[dict]:
     for result in results:
-        threshold = threshold_of(result, default_threshold)
-        record = base_record(result, threshold)
+        thresholds = thresholds_of(result, configured)
+        record = base_record(result, thresholds)
         for label in labels:
             score = result.scores.get(label)
             record[f"score_{label}"] = score
-            record[f"positive_{label}"] = None if score is None else score >= threshold
+            record[f"positive_{label}"] = (None if score is None
+                                           else thresholds.positive(label, score))
         yield record
 
 
 def export(state_dir: Path, out: str, fmt: str, *, since: dt.date | None = None,
-           model: str | None = None, default_threshold: float = 0.5) -> int:
-    """Write the export; returns the number of rows."""
+           model: str | None = None, configured: Thresholds = Thresholds()) -> int:
+    """Write the export; returns the number of rows. configured: the thresholds of runs
+    journaled before xrvd recorded them (the config's)."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     if fmt == "parquet" and out == "-":
@@ -85,15 +94,15 @@ def export(state_dir: Path, out: str, fmt: str, *, since: dt.date | None = None,
         start = dt.datetime.combine(since, dt.time()).timestamp() if since else 0.0
         results = iter_results(db, since=start, model=model)
         if out == "-":
-            return _write_text(results, labels, fmt, sys.stdout, default_threshold)
+            return _write_text(results, labels, fmt, sys.stdout, configured)
         target = Path(out)
         tmp = target.with_name(f".{target.name}.partial")
         try:
             if fmt == "parquet":
-                count = _write_parquet(results, labels, tmp, default_threshold)
+                count = _write_parquet(results, labels, tmp, configured)
             else:
                 with open(tmp, "w", newline="", encoding="utf-8") as f:
-                    count = _write_text(results, labels, fmt, f, default_threshold)
+                    count = _write_text(results, labels, fmt, f, configured)
                     f.flush()
                     os.fsync(f.fileno())
             os.replace(tmp, target)
@@ -105,21 +114,22 @@ def export(state_dir: Path, out: str, fmt: str, *, since: dt.date | None = None,
 
 
 def _write_text(results: Iterator[ImageResult], labels: list[str], fmt: str, f: io.TextIOBase,
-                default_threshold: float) -> int:
+                configured: Thresholds) -> int:
     count = 0
     if fmt == "csv":
         columns = [*BASE_COLUMNS, *(f"score_{label}" for label in labels),
                    *(f"positive_{label}" for label in labels)]
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
-        for record in wide_records(results, labels, default_threshold):
+        for record in wide_records(results, labels, configured):
             writer.writerow(record)
             count += 1
         return count
     for result in results:
-        threshold = threshold_of(result, default_threshold)
-        record = base_record(result, threshold)
-        record["findings"] = {label: {"score": score, "positive": score >= threshold}
+        thresholds = thresholds_of(result, configured)
+        record = base_record(result, thresholds)
+        record["findings"] = {label: {"score": score, "threshold": thresholds.of(label),
+                                      "positive": thresholds.positive(label, score)}
                               for label, score in sorted(result.scores.items(),
                                                          key=lambda kv: -kv[1])}
         f.write(json.dumps(record) + "\n")
@@ -128,7 +138,7 @@ def _write_text(results: Iterator[ImageResult], labels: list[str], fmt: str, f: 
 
 
 def _write_parquet(results: Iterator[ImageResult], labels: list[str], path: Path,
-                   default_threshold: float) -> int:
+                   configured: Thresholds) -> int:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -147,7 +157,7 @@ def _write_parquet(results: Iterator[ImageResult], labels: list[str], path: Path
     count = 0
     with pq.ParquetWriter(path, schema) as writer:
         batch: list[dict] = []
-        for record in wide_records(results, labels, default_threshold):
+        for record in wide_records(results, labels, configured):
             for key in ("received_at", "classified_at"):
                 record[key] = dt.datetime.fromisoformat(record[key])
             batch.append(record)

@@ -10,17 +10,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..config import DEFAULT_MODEL, MODEL_NAMES  # noqa: F401 - DEFAULT_MODEL: re-exported
+from ..config import DEFAULT_MODEL, FINDING_NAMES, MODEL_NAMES  # noqa: F401 - DEFAULT_MODEL: re-exported
 from ..errors import UnknownModelError
 
 RELEASE_URL = "https://github.com/mlmed/torchxrayvision/releases/download/v1/"
 
-# The 18 outputs of TorchXRayVision's core classifiers, in output order.
-XRV_OUTPUTS = (
-    "Atelectasis", "Consolidation", "Infiltration", "Pneumothorax", "Edema", "Emphysema",
-    "Fibrosis", "Effusion", "Pneumonia", "Pleural_Thickening", "Cardiomegaly", "Nodule", "Mass",
-    "Hernia", "Lung Lesion", "Fracture", "Lung Opacity", "Enlarged Cardiomediastinum",
-)
+# The 18 outputs of TorchXRayVision's core classifiers, in output order (config.py keeps the
+# table, so that it can check the findings named in `model.thresholds` without the registry).
+XRV_OUTPUTS = FINDING_NAMES
 NAN = math.nan
 # TorchXRayVision's DenseNet constructor unpickles a whole model (its DenseNet weights were
 # saved with torch.save(model)); its ResNet and JF Healthcare loaders read state dicts.

@@ -24,6 +24,7 @@ from pydicom.sr.codedict import codes
 
 from .. import __version__
 from ..pipeline.models import ModelIdentity
+from ..thresholds import Thresholds
 from .template import (
     TYPE2,
     DocumentTemplate,
@@ -96,13 +97,17 @@ def report_uid(study_uid: str, model: str, weights_sha256: str, generation: int)
     return stable_uid("report", study_uid, model, weights_sha256, str(generation))
 
 
-def _algorithm(identity: ModelIdentity, threshold: float) -> hd.sr.AlgorithmIdentification:
+def _algorithm(identity: ModelIdentity, thresholds: Thresholds
+               ) -> hd.sr.AlgorithmIdentification:
+    # One parameter per finding with a threshold of its own, so a reader of the SR can tell
+    # the operating point each Present/Absent was called at.
     return hd.sr.AlgorithmIdentification(
         name=identity.name,
         version=identity.weights_sha256[:16],
         parameters=[f"weights={identity.weights_file}", f"xrvd={__version__}",
                     f"torchxrayvision={identity.torchxrayvision_version}",
-                    f"threshold={threshold:g}"]
+                    f"threshold={thresholds.default:g}"]
+        + [f"threshold {label}={value:g}" for label, value in thresholds.per_finding]
         + (["UNTRAINED test weights: not a diagnosis"] if identity.untrained else []),
     )
 
@@ -128,19 +133,19 @@ def _group(algorithm: hd.sr.AlgorithmIdentification, label: str, present: bool,
 
 
 @functools.lru_cache(maxsize=16)
-def _templates(identity: ModelIdentity, threshold: float) -> GroupTemplates:
-    algorithm = _algorithm(identity, threshold)
+def _templates(identity: ModelIdentity, thresholds: Thresholds) -> GroupTemplates:
+    algorithm = _algorithm(identity, thresholds)
     return GroupTemplates(lambda label, present, values: _group(algorithm, label, present,
                                                                 values)[0],
                           [CHARACTER_SET])
 
 
 def _findings(source: Dataset, image_scores: dict[str, float], identity: ModelIdentity,
-              threshold: float, generation: int) -> list[tuple[str, bool, Fill]]:
+              thresholds: Thresholds, generation: int) -> list[tuple[str, bool, Fill]]:
     """(label, present, values) of one image's groups, strongest finding first."""
     sop_uid = str(source.SOPInstanceUID)
     return [
-        (label, score >= threshold, Fill(
+        (label, thresholds.positive(label, score), Fill(
             tracking_uid=stable_uid("group", sop_uid, label, identity.name,
                                     identity.weights_sha256, str(generation)),
             identifier=f"{label} in {sop_uid}"[:64],
@@ -154,19 +159,21 @@ def _findings(source: Dataset, image_scores: dict[str, float], identity: ModelId
 class _Settings:
     """What a report depends on besides its study (a template is made per value)."""
     identity: ModelIdentity
-    threshold: float
+    thresholds: Thresholds
     flavour: str
     series_number: int
     series_description: str
 
 
 def build_report(sources: Sequence[Dataset], scores: dict[str, dict[str, float]],
-                 identity: ModelIdentity, threshold: float, *, generation: int = 0,
+                 identity: ModelIdentity, threshold: Thresholds | float, *,
+                 generation: int = 0,
                  flavour: str = "comprehensive3d", series_number: int = 9901,
                  series_description: str = DEFAULT_SERIES_DESCRIPTION,
                  predecessor: Dataset | None = None, templates: bool = True) -> Dataset:
     """sources: the classified images (headers suffice); scores: SOP Instance UID -> label ->
-    score in [0, 1], only for labels the model really predicts.
+    score in [0, 1], only for labels the model really predicts. threshold: the operating
+    points (a plain number: one for every finding).
 
     templates: fill the document and its measurement groups in from templates that highdicom
     built once (template.py); the result is the same report in about 3.5 ms
@@ -179,8 +186,9 @@ def build_report(sources: Sequence[Dataset], scores: dict[str, dict[str, float]]
         hd.sr.SourceImageForMeasurement.from_source_image(source)
     if identity.untrained:  # never let random test weights pass for a result
         series_description = f"UNTRAINED TEST - {series_description}"[:64]
-    settings = _Settings(identity, threshold, flavour, series_number, series_description)
-    findings = [_findings(source, scores[str(source.SOPInstanceUID)], identity, threshold,
+    thresholds = Thresholds.coerce(threshold)
+    settings = _Settings(identity, thresholds, flavour, series_number, series_description)
+    findings = [_findings(source, scores[str(source.SOPInstanceUID)], identity, thresholds,
                           generation) for source in sources]
     sr = None
     template = _document_template(settings) if templates else None
@@ -224,7 +232,7 @@ def _with_highdicom(settings: _Settings, sources: list[Dataset],
     """The whole document through highdicom: the yardstick of the templates."""
     identity = settings.identity
     study_uid = str(sources[0].StudyInstanceUID)
-    algorithm = _algorithm(identity, settings.threshold)
+    algorithm = _algorithm(identity, settings.thresholds)
     groups = [_group(algorithm, *finding) for image in findings for finding in image]
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=stable_uid("device", identity.name),
@@ -255,7 +263,7 @@ def _with_highdicom(settings: _Settings, sources: list[Dataset],
 def _from_templates(template: DocumentTemplate, settings: _Settings, sources: list[Dataset],
                     findings: list[list[tuple[str, bool, Fill]]], generation: int) -> Dataset:
     identity = settings.identity
-    groups = _templates(identity, settings.threshold)
+    groups = _templates(identity, settings.thresholds)
     encoded = b"".join(groups.group(*finding) for image in findings for finding in image)
     study_uid = str(sources[0].StudyInstanceUID)
     return template.fill(
@@ -274,7 +282,7 @@ def _document_template(settings: _Settings) -> DocumentTemplate | None:
     way)."""
     def report_for(source: Dataset) -> tuple[list[Dataset], list[list[tuple[str, bool, Fill]]]]:
         scores = {"Cardiomegaly": 0.75}
-        return [source], [_findings(source, scores, settings.identity, settings.threshold, 0)]
+        return [source], [_findings(source, scores, settings.identity, settings.thresholds, 0)]
 
     try:
         first = _with_highdicom(settings, *report_for(placeholder_image(1)), 0)

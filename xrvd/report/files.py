@@ -39,6 +39,7 @@ from pydicom.uid import Comprehensive3DSRStorage, EnhancedSRStorage
 
 from ..fsutil import write_atomically
 from ..pipeline.models import ModelIdentity
+from ..thresholds import Thresholds
 from .build import build_report, label_for_meaning, read_findings, stable_uid
 
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
@@ -71,7 +72,7 @@ class ReportJob:
     sources: list[Dataset]  # headers of the classified images, in report order
     scores: dict[str, dict[str, float]]  # SOP Instance UID -> label -> score
     identity: ModelIdentity
-    threshold: float
+    thresholds: Thresholds
     output: OutputSettings
     predecessor: str | None = None  # the previous generation's report file
 
@@ -90,7 +91,7 @@ def write_report(job: ReportJob) -> ReportWritten:
             predecessor = pydicom.dcmread(job.predecessor, stop_before_pixels=True)
         output = job.output
         sr = build_report(
-            job.sources, job.scores, job.identity, job.threshold, generation=job.generation,
+            job.sources, job.scores, job.identity, job.thresholds, generation=job.generation,
             flavour=output.sr_flavour, series_number=output.series_number,
             series_description=output.series_description, predecessor=predecessor)
         folder = Path(output.folder) / safe_name(job.study_uid)
@@ -117,7 +118,8 @@ def _sidecar(job: ReportJob, report_uid: str) -> dict:
         "model": job.identity.name,
         "weights_sha256": job.identity.weights_sha256,
         "untrained": job.identity.untrained,
-        "threshold": job.threshold,
+        "threshold": job.thresholds.default,
+        "thresholds": job.thresholds.overrides,
         "images": [
             {
                 "sop_instance_uid": str(ds.SOPInstanceUID),
@@ -125,7 +127,8 @@ def _sidecar(job: ReportJob, report_uid: str) -> dict:
                 "view": str(ds.get("ViewPosition", "") or ""),
                 "findings": [
                     {"label": label, "score": round(score, 6),
-                     "positive": score >= job.threshold}
+                     "threshold": job.thresholds.of(label),
+                     "positive": job.thresholds.positive(label, score)}
                     for label, score in sorted(job.scores[str(ds.SOPInstanceUID)].items(),
                                                key=lambda kv: kv[1], reverse=True)],
             }

@@ -129,9 +129,11 @@ class ClaimsMixin:
 
     def finish_run(self, claim: StudyClaim, scores: dict[int, dict[str, float]],
                    result_path: Path | None, destinations: Iterable[str] = (), *,
-                   threshold: float | None = None, untrained: bool | None = None) -> str:
+                   threshold: float | None = None, thresholds: str | None = None,
+                   untrained: bool | None = None) -> str:
         """Record scores and close the run in one transaction; returns the study's new state
-        (receiving again if images arrived while it was processed)."""
+        (receiving again if images arrived while it was processed). thresholds: the JSON of
+        the findings called at a threshold of their own."""
         now = time.time()
         with self._transaction() as db:
             db.execute("DELETE FROM scores WHERE run_id = ?", (claim.run_id,))
@@ -142,9 +144,9 @@ class ClaimsMixin:
             db.executemany("UPDATE instances SET state = 'classified', updated_at = ? "
                            "WHERE id = ?", [(now, instance_id) for instance_id in scores])
             db.execute("UPDATE runs SET state = 'done', finished_at = ?, result_path = ?, "
-                       "threshold = ?, untrained = ? WHERE id = ?",
-                       (now, str(result_path) if result_path else None, threshold, untrained,
-                        claim.run_id))
+                       "threshold = ?, thresholds = ?, untrained = ? WHERE id = ?",
+                       (now, str(result_path) if result_path else None, threshold, thresholds,
+                        untrained, claim.run_id))
             if result_path is not None:
                 db.executemany(
                     "INSERT OR IGNORE INTO deliveries(run_id, destination, state, "

@@ -124,6 +124,8 @@ CREATE TABLE IF NOT EXISTS source_studies (
 ADDED_COLUMNS = (
     ("instances", "view", "TEXT"),
     ("runs", "threshold", "REAL"),
+    # JSON {finding: threshold} of model.thresholds, for the findings this model reports.
+    ("runs", "thresholds", "TEXT"),
     ("runs", "untrained", "INTEGER"),
     ("instances", "purged_at", "REAL"),  # when retention deleted its spool file
     # 1: the verdict (state 'stored' or 'skipped', with its reason) was decided at ingest.

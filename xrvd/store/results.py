@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import json
 import sqlite3
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .records import StoreError, journal_path, open_read_only
@@ -27,13 +28,15 @@ class ImageResult:
     report_path: str | None
     file: str
     scores: dict[str, float]
+    # Findings the run called at a threshold of their own (model.thresholds), else `threshold`.
+    threshold_overrides: dict[str, float] = field(default_factory=dict)
 
 
 # The current result of every (study, model, weights): the latest finished generation.
 _RESULTS = """
 SELECT st.study_uid, i.series_uid, i.sop_uid, i.view, r.model, r.weights_sha256, r.untrained,
        r.generation, r.threshold, i.received_at, r.finished_at, r.result_path, i.path,
-       r.id, i.id, s.label, s.score
+       r.id, i.id, s.label, s.score, r.thresholds
 FROM runs r
 JOIN studies st ON st.id = r.study_id
 JOIN scores s ON s.run_id = r.id
@@ -75,4 +78,5 @@ def iter_results(db: sqlite3.Connection, *, since: float = 0.0,
             untrained=None if first[6] is None else bool(first[6]), generation=first[7],
             threshold=first[8], received_at=first[9], classified_at=first[10],
             report_path=first[11], file=first[12],
-            scores={row[15]: row[16] for row in group})
+            scores={row[15]: row[16] for row in group},
+            threshold_overrides=json.loads(first[17]) if first[17] else {})
