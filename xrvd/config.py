@@ -303,6 +303,10 @@ class OutputConfig(Section):
                                     min_length=1, max_length=64)
     # A JSON file with the scores next to each report, for research pipelines.
     json_sidecar: bool = False
+    # For each positive finding, a class activation map blended over the image, written as a
+    # Secondary Capture in the report's series ("AI RESULT - heatmap - not for diagnosis"),
+    # referenced from the finding in the SR and delivered with it.
+    heatmaps: bool = False
 
 
 class MetricsConfig(Section):
