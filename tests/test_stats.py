@@ -1,5 +1,6 @@
 """stats.py: AUROC as scikit-learn computes it, DeLong's interval at its nominal coverage on
-simulated data, and thresholds that reach their target on the data they are chosen from."""
+simulated data, thresholds that reach their target on the data they are chosen from (also once
+written as a short decimal), and the ROC and calibration points the plots draw."""
 
 from __future__ import annotations
 
@@ -7,9 +8,20 @@ import math
 
 import numpy as np
 import pytest
+from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_curve as sklearn_roc_curve
 
-from xrvd.stats import NotEnoughData, at_threshold, auroc, delong_interval, threshold_for
+from xrvd.stats import (
+    NotEnoughData,
+    at_threshold,
+    auroc,
+    calibration,
+    delong_interval,
+    round_threshold,
+    roc_curve,
+    threshold_for,
+)
 
 
 def test_known_areas():
@@ -85,3 +97,72 @@ def test_bad_input_is_refused_with_a_reason():
         auroc([0.1, float("nan")], [1, 0])
     with pytest.raises(ValueError, match="one target"):
         threshold_for([0.1, 0.2], [1, 0])
+
+
+def _calls(scores, labels, threshold):
+    called = at_threshold(scores, labels, threshold)
+    return (called.true_positives, called.false_positives, called.true_negatives,
+            called.false_negatives)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_a_threshold_rounded_for_the_config_calls_the_data_the_same(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, int(rng.integers(20, 400)))
+    labels[:2] = (0, 1)
+    scores = 1 / (1 + np.exp(-rng.normal(labels * 1.5 - 0.5, 1.0)))
+    if seed % 2:
+        scores = np.round(scores, 3)  # ties
+    for target in (0.5, 0.8, 0.9, 0.95, 1.0):
+        for chosen in (threshold_for(scores, labels, sensitivity=target),
+                       threshold_for(scores, labels, specificity=target)):
+            short = round_threshold(scores, chosen)
+            assert 0.0 <= short <= 1.0
+            assert _calls(scores, labels, short) == _calls(scores, labels, chosen)
+            # what YAML writes and reads back is that very number
+            assert float(repr(short)) == short and len(repr(short)) <= len(repr(chosen))
+        short = round_threshold(scores, threshold_for(scores, labels, sensitivity=target))
+        assert at_threshold(scores, labels, short).sensitivity >= target
+
+
+def test_a_rounded_threshold_is_as_short_as_the_gap_allows():
+    scores = [0.1, 0.40, 0.6213456, 0.9]
+    assert round_threshold(scores, 0.6213456) == 0.6  # anything in (0.40, 0.6213456]
+    assert round_threshold([0.61, 0.6213456], 0.6213456) == 0.62
+    assert round_threshold([0.6213, 0.6213456], 0.6213456) == 0.62134
+    assert round_threshold(scores, float(np.nextafter(0.9, 1))) == 1.0  # nothing positive
+    assert round_threshold(scores, 0.05) == 0.0  # everything positive
+    assert round_threshold([0.5, 1.0], float(np.nextafter(1.0, 2))) > 1.0  # cannot be written
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_roc_curve_equals_scikit_learn(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, int(rng.integers(2, 500)))
+    labels[:2] = (0, 1)
+    scores = rng.normal(labels, 1.0)
+    if seed % 2:
+        scores = np.round(scores, 1)
+    curve = roc_curve(scores, labels)
+    fpr, tpr, thresholds = sklearn_roc_curve(labels, scores, drop_intermediate=False)
+    np.testing.assert_allclose(curve.false_positive_rate, fpr, atol=1e-12)
+    np.testing.assert_allclose(curve.true_positive_rate, tpr, atol=1e-12)
+    np.testing.assert_array_equal(curve.thresholds[1:], thresholds[1:])
+    # the area under its corners is the AUROC
+    assert abs(np.trapezoid(curve.true_positive_rate, curve.false_positive_rate)
+               - auroc(scores, labels)) < 1e-9
+
+
+def test_calibration_bins_equal_scikit_learn():
+    rng = np.random.default_rng(5)
+    scores = rng.uniform(0, 1, 2000)
+    labels = (rng.uniform(0, 1, 2000) < scores ** 2).astype(int)
+    scores[:3] = (0.0, 1.0, 0.1)  # the bin edges
+    points = calibration(scores, labels, bins=10)
+    observed, predicted = calibration_curve(labels, scores, n_bins=10, strategy="uniform")
+    np.testing.assert_allclose(points.mean_score, predicted, atol=1e-12)
+    np.testing.assert_allclose(points.fraction_positive, observed, atol=1e-12)
+    assert points.count.sum() == 2000
+    # empty bins are left out; one class is enough
+    one_class = calibration([0.05, 0.07, 0.95], [0, 0, 0], bins=10)
+    assert list(one_class.count) == [2, 1] and list(one_class.fraction_positive) == [0, 0]

@@ -9,13 +9,16 @@ service install can run them.
   positive and negative scores, a normal interval, clipped to [0, 1].
 - Sensitivity, specificity, PPV and NPV at a threshold (a score at or above it is positive, as
   in xrvd's reports), and the threshold that reaches a target sensitivity or specificity on
-  the data it is chosen from.
+  the data it is chosen from, written as the shortest decimal that calls those data the same
+  (what goes into a config file).
+- The points of the ROC curve and of a reliability (calibration) diagram, for the plots.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from decimal import ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
 from statistics import NormalDist
 
 import numpy as np
@@ -153,3 +156,81 @@ def threshold_for(scores, labels, *, sensitivity: float | None = None,
     if needed == 0:
         return float(min(positive.min(), negative.min()))
     return float(np.nextafter(np.sort(negative)[needed - 1], math.inf))
+
+
+def round_threshold(scores, threshold: float) -> float:
+    """The shortest decimal in [0, 1] that calls every one of `scores` as `threshold` does:
+    any value above the highest score below the threshold, up to the lowest score at or above
+    it, gives the same calls, so a config can say 0.62 rather than 0.6213456789. `threshold`
+    itself when no such value lies in [0, 1] (a threshold above a score of exactly 1)."""
+    values = np.asarray(scores, dtype=np.float64).ravel()
+    below = values[values < threshold]
+    above = values[values >= threshold]
+    low = float(below.max()) if below.size else -math.inf
+    high = min(float(above.min()) if above.size else 1.0, 1.0)
+    if not low < high:
+        return float(threshold)
+    for digits in range(18):
+        step = Decimal(1).scaleb(-digits)
+        # Rounded to nearest (0.353 is a double just below 0.353, so only this finds it) or
+        # down; back in a double, the value is checked to lie in the interval all the same.
+        for rounding in (ROUND_HALF_EVEN, ROUND_FLOOR):
+            candidate = float(Decimal(high).quantize(step, rounding=rounding))
+            if low < candidate <= high and candidate >= 0.0:
+                return candidate
+    return high
+
+
+@dataclass(frozen=True)
+class RocCurve:
+    false_positive_rate: np.ndarray
+    true_positive_rate: np.ndarray
+    thresholds: np.ndarray  # descending; the first (infinite) calls nothing positive
+
+
+def roc_curve(scores, labels) -> RocCurve:
+    """The ROC curve's corners: one point per distinct score, from (0, 0) (nothing called
+    positive) to (1, 1), tied scores moving together (scikit-learn's roc_curve with
+    drop_intermediate=False)."""
+    positive, negative = _split(scores, labels)
+    values = np.concatenate([positive, negative])
+    truth = np.r_[np.ones(len(positive)), np.zeros(len(negative))]
+    order = np.argsort(-values, kind="mergesort")
+    values, truth = values[order], truth[order]
+    # The last index of each run of tied scores: the curve moves a whole tie at once.
+    ends = np.r_[np.flatnonzero(values[1:] != values[:-1]), len(values) - 1]
+    true_positives = np.cumsum(truth)[ends]
+    false_positives = (ends + 1) - true_positives
+    return RocCurve(np.r_[0.0, false_positives / len(negative)],
+                    np.r_[0.0, true_positives / len(positive)],
+                    np.r_[math.inf, values[ends]])
+
+
+@dataclass(frozen=True)
+class Calibration:
+    mean_score: np.ndarray  # per bin that holds any image
+    fraction_positive: np.ndarray
+    count: np.ndarray
+
+
+def calibration(scores, labels, bins: int = 10) -> Calibration:
+    """A reliability diagram's points: the scores cut into `bins` equal bins over [0, 1]
+    (each closed above, the first also below: scikit-learn's calibration_curve), each bin's
+    mean score against its share of positive images. Empty bins are left out. One class is
+    enough (the share is then 0 or 1 throughout)."""
+    if bins < 1:
+        raise ValueError(f"bins must be at least 1, got {bins}")
+    values = np.asarray(scores, dtype=np.float64).ravel()
+    truth = np.asarray(labels).ravel()
+    if values.shape != truth.shape:
+        raise ValueError(f"{values.size} scores but {truth.size} labels")
+    if not np.isin(truth, (0, 1)).all():
+        raise ValueError("labels must be 0 or 1 (leave unlabelled images out)")
+    if not np.isfinite(values).all():
+        raise ValueError("scores must be finite")
+    index = np.searchsorted(np.linspace(0.0, 1.0, bins + 1)[1:-1], values, side="left")
+    count = np.bincount(index, minlength=bins)
+    total = np.bincount(index, weights=values, minlength=bins)
+    positives = np.bincount(index, weights=truth.astype(np.float64), minlength=bins)
+    held = count > 0
+    return Calibration(total[held] / count[held], positives[held] / count[held], count[held])
