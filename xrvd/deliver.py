@@ -14,14 +14,15 @@ import threading
 import time
 from collections.abc import Callable
 
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+import pydicom
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from . import metrics
 from .config import Config, Destination
 from .sources import DicomwebDestination
 from .log import get_logger
-from .report.files import EncodedReport, EncodedReports
+from .report.files import EncodedReport, EncodedReports, heatmap_files
 from .store import Store
 
 SUCCESS_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
@@ -47,17 +48,21 @@ RequestorFactory = Callable[..., AE]
 def send_report(path: str, destination: Destination | DicomwebDestination, timeout: float,
                 reports: EncodedReports | None = None, *,
                 requestor: RequestorFactory) -> tuple[bool, str]:
-    """One C-STORE (or STOW-RS) of one report in the destination's SR flavour: (stored, what
-    happened). reports: the reports read for sending so far (the file is read there once, for
-    every destination and attempt); without it the file is read for this send alone."""
+    """One C-STORE association (or one STOW-RS request) with a report in the destination's SR
+    flavour and its heatmap key images before it: (all stored, what happened). reports: the
+    reports read for sending so far (the file is read there once, for every destination and
+    attempt); without it the file is read for this send alone."""
     encoded = reports.get(path) if reports is not None else EncodedReport(path)
     report = encoded.dataset(destination.sr_flavour)
+    # Key images first: a viewer that opens the report as it arrives finds what it cites.
+    instances = [pydicom.dcmread(heatmap) for heatmap in heatmap_files(path)] + [report]
     if destination.type == "dicomweb":
-        return stow_report(report, destination, timeout)
+        return stow_report(instances, destination, timeout)
     ae = requestor(destination.calling_aet, timeout=timeout,
                    peer=f"{destination.host}:{destination.port}")
-    ae.add_requested_context(report.SOPClassUID,
-                             [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    classes = list(dict.fromkeys(str(ds.SOPClassUID) for ds in instances))
+    for sop_class in classes:
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
                          tls_args=tls_arguments(destination))
     if assoc.is_rejected:
@@ -69,12 +74,29 @@ def send_report(path: str, destination: Destination | DicomwebDestination, timeo
             return False, f"the destination does not accept {report.SOPClassUID.name}"
         return False, "no association: connection refused, aborted or timed out"
     try:
-        if not assoc.accepted_contexts:
-            return False, f"the destination does not accept {report.SOPClassUID.name}"
-        status = assoc.send_c_store(report)
+        accepted = {str(context.abstract_syntax) for context in assoc.accepted_contexts}
+        refused = [sop_class for sop_class in classes if sop_class not in accepted]
+        if refused:
+            names = ", ".join(UID(sop_class).name for sop_class in refused)
+            hint = (": let it accept Secondary Capture or set output.heatmaps to false"
+                    if len(instances) > 1 and refused != [str(report.SOPClassUID)] else "")
+            return False, f"the destination does not accept {names}{hint}"
+        codes = []
+        for instance in instances:
+            stored, detail = _c_store(assoc, instance)
+            if not stored:
+                what = "the report" if instance is report else "a heatmap key image"
+                return False, f"{detail} (sending {what})"
+            codes.append(detail)
     finally:
         if assoc.is_established:
             assoc.release()
+    return True, codes[-1] + (f" with {len(instances) - 1} heatmap(s)" if len(codes) > 1
+                              else "")
+
+
+def _c_store(assoc, instance) -> tuple[bool, str]:
+    status = assoc.send_c_store(instance)
     if "Status" not in status:
         return False, "no C-STORE response (timed out or aborted)"
     code = int(status.Status)
@@ -84,14 +106,16 @@ def send_report(path: str, destination: Destination | DicomwebDestination, timeo
     return False, f"C-STORE failed with status 0x{code:04X}{comment}"
 
 
-def stow_report(report, destination: DicomwebDestination, timeout: float) -> tuple[bool, str]:
-    """STOW-RS of one report: stored when the server lists it in ReferencedSOPSequence (a
-    FailedSOPSequence entry, or an HTTP error, says why not)."""
+def stow_report(instances: list, destination: DicomwebDestination,
+                timeout: float) -> tuple[bool, str]:
+    """STOW-RS of a report (the last of `instances`) and its heatmaps in one request: stored
+    when the server lists every one in ReferencedSOPSequence (a FailedSOPSequence entry, or
+    an HTTP error, says why not)."""
     from .web import client, describe_http_error, session
 
     try:
         with session(destination.auth, destination.tls, timeout) as http:
-            response = client(destination.url, http).store_instances([report])
+            response = client(destination.url, http).store_instances(instances)
     except Exception as exc:  # noqa: BLE001 - every failure is one failed attempt
         _reason, _retry, detail = describe_http_error(exc)
         return False, f"STOW-RS failed: {detail}"
@@ -100,9 +124,10 @@ def stow_report(report, destination: DicomwebDestination, timeout: float) -> tup
         reason = failed[0].get("FailureReason")
         return False, f"STOW-RS refused the report (failure reason {reason})"
     stored = response.get("ReferencedSOPSequence") if response is not None else None
-    if stored and any(item.get("ReferencedSOPInstanceUID") == report.SOPInstanceUID
-                      for item in stored):
-        return True, "STOW-RS stored"
+    listed = {item.get("ReferencedSOPInstanceUID") for item in stored or ()}
+    if all(instance.SOPInstanceUID in listed for instance in instances):
+        return True, "STOW-RS stored" + (f" with {len(instances) - 1} heatmap(s)"
+                                         if len(instances) > 1 else "")
     return False, "STOW-RS answered without listing the report as stored"
 
 

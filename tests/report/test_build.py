@@ -9,6 +9,8 @@ import dataclasses
 
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 
 from xrvd.report.build import (
     FINDING_CODES,
@@ -18,6 +20,7 @@ from xrvd.report.build import (
     report_uid,
 )
 from xrvd.report.files import safe_name
+from xrvd.report.template import comparable
 from xrvd.thresholds import Thresholds
 
 from ..harness import MODEL, NIH_SC, RSNA_JPEG, WG04_CR, dciodvfy_errors, scores_for
@@ -138,3 +141,42 @@ def _texts(dataset) -> set[str]:
             found.add(str(item.TextValue))
         found |= _texts(item)
     return found
+
+
+@pytest.mark.parametrize("flavour", ["comprehensive3d", "enhanced"])
+def test_a_heatmap_is_cited_in_its_findings_group_and_the_evidence(flavour, tmp_path):
+    sources = [pydicom.dcmread(NIH_SC, stop_before_pixels=True)]
+    uid = str(sources[0].SOPInstanceUID)
+    scores = {uid: {"Cardiomegaly": 0.7, "Effusion": 0.6, "Pneumonia": 0.1}}
+    heatmaps = {}
+    for label in ("Cardiomegaly", "Effusion"):
+        header = Dataset()
+        header.SOPClassUID = SecondaryCaptureImageStorage
+        header.SOPInstanceUID = generate_uid()
+        header.SeriesInstanceUID = "1.2.3.4"
+        header.StudyInstanceUID = sources[0].StudyInstanceUID
+        heatmaps[(uid, label)] = header
+    fast = build_report(sources, scores, identity(MODEL), 0.5, heatmaps=heatmaps,
+                        flavour=flavour)
+    slow = build_report(sources, scores, identity(MODEL), 0.5, heatmaps=heatmaps,
+                        flavour=flavour, templates=False)
+    assert comparable(fast) == comparable(slow)
+    assert read_findings(fast) == read_findings(slow)
+    cited = {}
+    for group in fast.ContentSequence[-1].ContentSequence:
+        finding = next(item.ConceptCodeSequence[0].CodeMeaning for item in group.ContentSequence
+                       if item.ValueType == "CODE" and item.ConceptNameCodeSequence[0]
+                       .CodeValue == "121071")  # Finding
+        for item in group.ContentSequence:
+            if item.ValueType == "IMAGE" and item.ConceptNameCodeSequence[0].CodeValue == \
+                    "121080":  # Best illustration of finding
+                cited[finding] = item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+    assert cited == {FINDING_CODES[label][2]: str(header.SOPInstanceUID)
+                     for (_, label), header in heatmaps.items()}
+    evidence = {item.ReferencedSOPInstanceUID
+                for study in fast.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence
+                for item in series.ReferencedSOPSequence}
+    assert evidence == {uid, *(str(h.SOPInstanceUID) for h in heatmaps.values())}
+    fast.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    assert dciodvfy_errors(tmp_path / "sr.dcm") == []

@@ -14,7 +14,7 @@ import datetime
 import functools
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -113,12 +113,13 @@ def _algorithm(identity: ModelIdentity, thresholds: Thresholds
 
 
 def _group(algorithm: hd.sr.AlgorithmIdentification, label: str, present: bool,
-           values: Fill) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """One TID 1501 group: a finding of one image."""
+           values: Fill, illustration: Dataset | None = None
+           ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """One TID 1501 group: a finding of one image; illustration: its heatmap key image."""
     code = finding_code(label)
     reference = {"referenced_sop_class_uid": values.sop_class_uid,
                  "referenced_sop_instance_uid": values.sop_instance_uid}
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=values.tracking_uid,
                                                      identifier=values.identifier),
         finding_type=code,
@@ -130,6 +131,16 @@ def _group(algorithm: hd.sr.AlgorithmIdentification, label: str, present: bool,
             name=code, value=PRESENT if present else ABSENT)],
         source_images=[hd.sr.SourceImageForMeasurementGroup(**reference)],
     )
+    if illustration is not None:
+        # TID 1501 has no row for a key image, so the heatmap is cited as DICOM's "Best
+        # illustration of finding" (as mammography CAD reports do) inside the group: a
+        # viewer finds it beside the finding it explains.
+        group[0].ContentSequence.append(hd.sr.ImageContentItem(
+            name=codes.DCM.BestIllustrationOfFinding,
+            referenced_sop_class_uid=str(illustration.SOPClassUID),
+            referenced_sop_instance_uid=str(illustration.SOPInstanceUID),
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    return group
 
 
 @functools.lru_cache(maxsize=16)
@@ -170,10 +181,13 @@ def build_report(sources: Sequence[Dataset], scores: dict[str, dict[str, float]]
                  generation: int = 0,
                  flavour: str = "comprehensive3d", series_number: int = 9901,
                  series_description: str = DEFAULT_SERIES_DESCRIPTION,
-                 predecessor: Dataset | None = None, templates: bool = True) -> Dataset:
+                 predecessor: Dataset | None = None, templates: bool = True,
+                 heatmaps: Mapping[tuple[str, str], Dataset] | None = None) -> Dataset:
     """sources: the classified images (headers suffice); scores: SOP Instance UID -> label ->
     score in [0, 1], only for labels the model really predicts. threshold: the operating
     points (a plain number: one for every finding).
+    heatmaps: (SOP Instance UID, label) -> the heatmap Secondary Capture (its header) that
+    illustrates that finding of that image: cited in the finding's group and in the evidence.
 
     templates: fill the document and its measurement groups in from templates that highdicom
     built once (template.py); the result is the same report in about 3.5 ms
@@ -190,15 +204,16 @@ def build_report(sources: Sequence[Dataset], scores: dict[str, dict[str, float]]
     settings = _Settings(identity, thresholds, flavour, series_number, series_description)
     findings = [_findings(source, scores[str(source.SOPInstanceUID)], identity, thresholds,
                           generation) for source in sources]
+    heatmaps = dict(heatmaps or {})
     sr = None
     template = _document_template(settings) if templates else None
     if template is not None:
         try:
-            sr = _from_templates(template, settings, sources, findings, generation)
+            sr = _from_templates(template, settings, sources, findings, generation, heatmaps)
         except ValueError:  # a group template that does not fit: build the slow way
             sr = None
     if sr is None:
-        sr = _with_highdicom(settings, sources, findings, generation)
+        sr = _with_highdicom(settings, sources, findings, generation, heatmaps)
     if "PatientAge" in sr and not re.fullmatch(r"\d{3}[DWMY]", str(sr.PatientAge)):
         del sr.PatientAge  # lenient on input, strict on output: an invalid age is dropped
     if predecessor is not None:
@@ -228,12 +243,16 @@ def _equipment(identity: ModelIdentity) -> hd.ContributingEquipment:
 
 
 def _with_highdicom(settings: _Settings, sources: list[Dataset],
-                    findings: list[list[tuple[str, bool, Fill]]], generation: int) -> Dataset:
+                    findings: list[list[tuple[str, bool, Fill]]], generation: int,
+                    heatmaps: dict[tuple[str, str], Dataset] | None = None) -> Dataset:
     """The whole document through highdicom: the yardstick of the templates."""
     identity = settings.identity
     study_uid = str(sources[0].StudyInstanceUID)
     algorithm = _algorithm(identity, settings.thresholds)
-    groups = [_group(algorithm, *finding) for image in findings for finding in image]
+    heatmaps = heatmaps or {}
+    groups = [_group(algorithm, label, present, values,
+                     heatmaps.get((values.sop_instance_uid, label)))
+              for image in findings for label, present, values in image]
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=stable_uid("device", identity.name),
         name="xrvd", manufacturer_name=MANUFACTURER, model_name=identity.name,
@@ -244,7 +263,7 @@ def _with_highdicom(settings: _Settings, sources: list[Dataset],
                                      procedure_reported=PROCEDURE, imaging_measurements=groups)
     cls = hd.sr.Comprehensive3DSR if settings.flavour == "comprehensive3d" else hd.sr.EnhancedSR
     sr = cls(
-        evidence=list(sources), content=report,
+        evidence=[*sources, *heatmaps.values()], content=report,
         series_instance_uid=_series_uid(settings, study_uid, generation),
         series_number=settings.series_number,
         sop_instance_uid=report_uid(study_uid, identity.name, identity.weights_sha256,
@@ -261,13 +280,22 @@ def _with_highdicom(settings: _Settings, sources: list[Dataset],
 
 
 def _from_templates(template: DocumentTemplate, settings: _Settings, sources: list[Dataset],
-                    findings: list[list[tuple[str, bool, Fill]]], generation: int) -> Dataset:
+                    findings: list[list[tuple[str, bool, Fill]]], generation: int,
+                    heatmaps: dict[tuple[str, str], Dataset] | None = None) -> Dataset:
     identity = settings.identity
     groups = _templates(identity, settings.thresholds)
-    encoded = b"".join(groups.group(*finding) for image in findings for finding in image)
+    heatmaps = heatmaps or {}
+    algorithm = _algorithm(identity, settings.thresholds) if heatmaps else None
+    encoded = b"".join(
+        # a group citing a heatmap has no template: highdicom builds it
+        encode_item(_group(algorithm, label, present, values, heatmaps[key])[0],
+                    [CHARACTER_SET])
+        if (key := (values.sop_instance_uid, label)) in heatmaps
+        else groups.group(label, present, values)
+        for image in findings for label, present, values in image)
     study_uid = str(sources[0].StudyInstanceUID)
     return template.fill(
-        sources, encoded,
+        sources, encoded, evidence=list(heatmaps.values()),
         sop_instance_uid=report_uid(study_uid, identity.name, identity.weights_sha256,
                                     generation),
         series_instance_uid=_series_uid(settings, study_uid, generation),

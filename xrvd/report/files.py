@@ -45,6 +45,9 @@ from .build import build_report, label_for_meaning, read_findings, stable_uid
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 
+HEATMAPS_SUFFIX = "-heatmaps"
+
+
 def safe_name(uid: str) -> str:
     """A file name for a UID: the UID itself when it is a well-formed one, else a hash."""
     if len(uid) <= 64 and _UID.fullmatch(uid):
@@ -135,6 +138,17 @@ def _sidecar(job: ReportJob, report_uid: str) -> dict:
             for ds in job.sources
         ],
     }
+
+
+def heatmaps_folder(report_path: str | Path) -> Path:
+    """Where a report's heatmap key images are: a folder beside it named after it, holding
+    exactly the ones it cites (written before it, so a report on disk has all of its own)."""
+    path = Path(report_path)
+    return path.with_name(f"{path.stem}{HEATMAPS_SUFFIX}")
+
+
+def heatmap_files(report_path: str | Path) -> list[Path]:
+    return sorted(heatmaps_folder(report_path).glob("*.dcm"))
 
 
 # --- finding an earlier report ---------------------------------------------------------

@@ -200,9 +200,11 @@ class DocumentTemplate:
         self.highdicom_equipment = document.ContributingEquipmentSequence[-1]
 
     def fill(self, sources: list[Dataset], groups: bytes, *, sop_instance_uid: str,
-             series_instance_uid: str, instance_number: int, equipment: Dataset) -> Dataset:
+             series_instance_uid: str, instance_number: int, equipment: Dataset,
+             evidence: list[Dataset] = ()) -> Dataset:
         """The report of `sources` holding the encoded `groups`. The template's elements are
-        shared between reports, so elements are only ever replaced here, never changed."""
+        shared between reports, so elements are only ever replaced here, never changed.
+        evidence: other instances the groups cite (the heatmaps), listed with the sources."""
         document = self.cls.__new__(self.cls)
         Dataset.__init__(document, dict(self.root))
         document[CONTENT_SEQUENCE] = RawDataElement(
@@ -226,7 +228,7 @@ class DocumentTemplate:
         no_content = Dataset()  # what the content cites is in the sources by construction
         no_content.ContentSequence = []
         same_study, other_studies = collect_evidence(
-            sources, no_content, study_instance_uid=str(sources[0].StudyInstanceUID))
+            [*sources, *evidence], no_content, study_instance_uid=str(sources[0].StudyInstanceUID))
         if same_study:
             document.add_new("CurrentRequestedProcedureEvidenceSequence", "SQ", same_study)
         if other_studies:
