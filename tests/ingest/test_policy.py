@@ -188,6 +188,8 @@ def test_tls_refuses_a_plain_an_untrusted_and_an_expired_client(listener, certif
         certificates, getattr(certificates, client), getattr(certificates, f"{client}_key"))
     refused = _run(echoscu, *args, "-to", 10, "-aec", "XRVD", "127.0.0.1", scp.port)
     assert refused.returncode != 0
+    # The peer may see the TLS alert before the listener has logged why: stopping waits for it.
+    scp.stop(drain_seconds=10)
     assert reasons(events, "association.rejected") == [reason]
 
 

@@ -363,6 +363,8 @@ class BoundedRequestHandler(RequestHandler):
             server.on_drop(peer, reason, str(exc))  # logged before the peer sees the close
             server.shutdown_request(sock)
             return
+        finally:
+            server.left_gate()
         server.forget_pending(self.request)
         sock.settimeout(None)
         assoc = self._create_association_with(sock, first_pdu, peer)
@@ -412,6 +414,11 @@ class BoundedAssociationServer(ThreadedAssociationServer):
         # accepted socket -> the socket to close to evict it (its TLS socket once wrapped)
         self._pending: OrderedDict[socket.socket, socket.socket] = OrderedDict()
         self._pending_lock = threading.Lock()
+        # Connections whose thread is still at the gate (handshake, association request),
+        # until their outcome is logged: stop() waits for them, so that a stop after a peer
+        # was turned away finds its event logged (the peer may see a TLS alert before that).
+        self._at_gate = 0
+        self._gate_done = threading.Condition()
         super().__init__(ae, address, ae_title, contexts, None, evt_handlers,
                          request_handler=BoundedRequestHandler)
 
@@ -421,6 +428,8 @@ class BoundedAssociationServer(ThreadedAssociationServer):
             if len(self._pending) >= self.limits.max_pending:
                 _, evicted = self._pending.popitem(last=False)
             self._pending[request] = request
+        with self._gate_done:
+            self._at_gate += 1
         if evicted is not None:
             try:
                 evicted.shutdown(socket.SHUT_RDWR)  # its reader wakes up and drops it
@@ -437,6 +446,16 @@ class BoundedAssociationServer(ThreadedAssociationServer):
         """False when the connection was no longer pending (the gate evicted it)."""
         with self._pending_lock:
             return self._pending.pop(request, None) is not None
+
+    def left_gate(self) -> None:
+        with self._gate_done:
+            self._at_gate -= 1
+            self._gate_done.notify_all()
+
+    def wait_for_gate(self, timeout: float) -> bool:
+        """Wait until no connection is at the gate; False if some still are at `timeout`."""
+        with self._gate_done:
+            return self._gate_done.wait_for(lambda: self._at_gate <= 0, timeout)
 
     def pending_count(self) -> int:
         with self._pending_lock:

@@ -157,10 +157,12 @@ class StorageSCP:
         """Stop accepting, let associations in flight finish for a while, then abort them."""
         if not self._listeners:
             return
+        deadline = time.monotonic() + drain_seconds
         for server, thread in self._listeners:
             server.shutdown()
             thread.join(timeout=10)
-        deadline = time.monotonic() + drain_seconds
+        for server, _ in self._listeners:
+            server.wait_for_gate(max(0.0, deadline - time.monotonic()))
         while self.ae.active_associations and time.monotonic() < deadline:
             for assoc in self.ae.active_associations:
                 assoc.join(timeout=max(0.0, min(0.2, deadline - time.monotonic())))
