@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,3 +80,71 @@ def iter_results(db: sqlite3.Connection, *, since: float = 0.0,
             report_path=first[11], file=first[12],
             scores={row[15]: row[16] for row in group},
             threshold_overrides=json.loads(first[17]) if first[17] else {})
+
+
+@dataclass(frozen=True)
+class JournalScores:
+    """One image's scores as the journal holds them for one model and weights."""
+
+    sop_uid: str
+    file: str  # as journaled: absolute for a file back-filled in place, else in the spool
+    scores: dict[str, float]
+    classified_at: float
+    # The file as a back-fill last saw it (matches by path only): a file changed since then
+    # holds other pixels than were scored.
+    size: int | None = None
+    mtime_ns: int | None = None
+
+
+# The current version of each instance (a newer one supersedes it), with the scores of the
+# latest finished run of this model and weights that scored it. Driven from the instances so
+# that runs (by study, model, weights) and scores (by run, instance) are found by their keys.
+_SCORED = """
+SELECT i.id, i.sop_uid, i.path, r.id, r.finished_at, s.label, s.score {extra}
+FROM {source}
+JOIN runs r ON r.study_id = i.study_id AND r.model = ? AND r.weights_sha256 = ?
+JOIN scores s ON s.run_id = r.id AND s.instance_id = i.id
+WHERE {key} IN ({marks}) AND i.state != 'superseded' AND r.state = 'done'
+ORDER BY i.id, r.generation DESC, r.id DESC
+"""
+_CHUNK = 500  # keys per query: below SQLite's oldest limit on bound parameters (999)
+
+
+def scores_for_images(db: sqlite3.Connection, model: str, weights_sha256: str, *,
+                      sop_uids: Iterable[str] = (),
+                      paths: Iterable[str] = ()) -> tuple[dict[str, JournalScores],
+                                                          dict[str, JournalScores]]:
+    """The journal's scores of these images by this model and these very weights (`xrvd
+    evaluate --from-journal`): (by SOP Instance UID, by path). Paths are absolute and
+    resolved, as a back-fill journals the files it reads in place (drop-folder and C-STORE
+    instances are known by their UID only). An image no run of these weights has scored is
+    absent."""
+    by_uid: dict[str, JournalScores] = {}
+    by_path: dict[str, JournalScores] = {}
+    plain = dict(source="instances i", key="i.sop_uid", extra="")
+    archived = dict(source="archive_files a JOIN instances i ON i.id = a.instance_id",
+                    key="a.path", extra=", a.path, a.size, a.mtime_ns")
+    backfilled = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                            "name = 'archive_files'").fetchone() is not None
+    for keys, shape, found in ((sop_uids, plain, by_uid),
+                               (paths if backfilled else (), archived, by_path)):
+        keys = list(dict.fromkeys(keys))
+        for start in range(0, len(keys), _CHUNK):
+            chunk = keys[start:start + _CHUNK]
+            sql = _SCORED.format(marks=",".join("?" * len(chunk)), **shape)
+            try:
+                rows = db.execute(sql, (model, weights_sha256, *chunk)).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot read scores from the journal: {exc}") from exc
+            for _, group in itertools.groupby(rows, key=lambda row: row[0]):
+                group = list(group)
+                first = group[0]
+                # Only the latest run's scores: the order puts it first in each instance.
+                latest = [row for row in group if row[3] == first[3]]
+                archive = first[7:] if len(first) > 7 else (None, None, None)
+                record = JournalScores(
+                    sop_uid=first[1], file=first[2], classified_at=first[4],
+                    scores={row[5]: row[6] for row in latest},
+                    size=archive[1], mtime_ns=archive[2])
+                found[archive[0] or first[1]] = record
+    return by_uid, by_path
