@@ -90,24 +90,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser(
         "evaluate", parents=[common], help="how well the model does on your labelled images",
-        description="Classify the images a labels table names (a `path` column, then one "
-        "column per finding: 1, 0 or empty) and write per finding AUROC with DeLong's 95 %% "
-        "interval, prevalence, sensitivity, specificity, PPV and NPV at the configured "
-        "threshold, and the threshold that reaches a target sensitivity, to OUT/metrics.csv "
-        "and OUT/metrics.json.")
+        description="Score the images a labels table names (a `path` or `sop_instance_uid` "
+        "column, then one column per finding: 1, 0 or empty) and write per finding AUROC "
+        "with DeLong's 95 %% interval, prevalence, sensitivity, specificity, PPV and NPV at "
+        "the finding's threshold (model.thresholds, else model.threshold), and the threshold "
+        "that reaches a target sensitivity or specificity, to OUT/metrics.csv and "
+        "OUT/metrics.json, with ROC, calibration and histogram plots in OUT/report.html.")
     evaluate.add_argument("--labels", type=Path, required=True, metavar="LABELS.csv")
-    evaluate.add_argument("--target-sensitivity", type=_threshold, default=0.9,
-                          metavar="S", help="propose the threshold that reaches it (0.9)")
+    target = evaluate.add_mutually_exclusive_group()
+    target.add_argument("--target-sensitivity", type=_threshold, metavar="S",
+                        help="propose per finding the threshold that reaches this "
+                        "sensitivity (default: 0.9)")
+    target.add_argument("--target-specificity", type=_threshold, metavar="S",
+                        help="... or this specificity instead")
+    evaluate.add_argument("--write-thresholds", action="store_true",
+                          help="write the proposed thresholds as a config snippet "
+                          "(OUT/thresholds.yaml) and print it")
     evaluate.add_argument("--format", dest="labels_format", default="csv",
                           choices=("csv", "nih", "chexpert"),
-                          help="csv: a path column and one column per finding (1/0/empty); "
-                          "nih: NIH ChestX-ray14's Data_Entry_2017.csv; chexpert: CheXpert's "
-                          "train.csv or valid.csv (read by TorchXRayVision, as published)")
+                          help="csv: a path (or sop_instance_uid) column and one column per "
+                          "finding (1/0/empty); nih: NIH ChestX-ray14's Data_Entry_2017.csv; "
+                          "chexpert: CheXpert's train.csv or valid.csv (read by "
+                          "TorchXRayVision, as published)")
     evaluate.add_argument("-m", "--model", dest="models", action="append", choices=list(MODELS),
                           metavar="NAME", help="a model to evaluate; repeat it to compare "
                           "several on the same images (default: model.name)")
-    evaluate.add_argument("--images", type=Path, metavar="DIR",
-                          help="the folder of a dataset's images (default: the label file's)")
+    source = evaluate.add_mutually_exclusive_group()
+    source.add_argument("--images", type=Path, metavar="DIR",
+                        help="the folder of a dataset's images (default: the label file's)")
+    source.add_argument("--from-journal", action="store_true",
+                        help="take the scores from the journal (the config's state_dir) for "
+                        "images the same model and weights have classified, matched by SOP "
+                        "Instance UID or back-filled path; classify the rest")
     evaluate.add_argument("out", type=Path, metavar="OUT")
 
     check = sub.add_parser("check-config", help="validate a config file and print the "
@@ -268,12 +282,16 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "classify":
         return _classify(args, config)
     if args.command == "evaluate":
-        from .commands.evaluate import evaluate
+        from .commands.evaluate import Target, evaluate
 
-        return evaluate(config, args.labels, args.out,
-                        models=tuple(args.models or ()),
-                        target_sensitivity=args.target_sensitivity, kind=args.labels_format,
-                        images=args.images)
+        target = (Target("specificity", args.target_specificity)
+                  if args.target_specificity is not None
+                  else Target("sensitivity", 0.9 if args.target_sensitivity is None
+                              else args.target_sensitivity))
+        return evaluate(config, args.labels, args.out, models=tuple(args.models or ()),
+                        target=target, kind=args.labels_format, images=args.images,
+                        from_journal=args.from_journal,
+                        write_thresholds=args.write_thresholds)
     if args.command in ("status", "retry", "echo"):
         return _ops(args, config)
     if args.command == "demo":
