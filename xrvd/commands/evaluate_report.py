@@ -88,6 +88,7 @@ def write_report(out: Path, summary: dict, rows: list[dict],
     plotting = _matplotlib()
     figures: dict[str, list[tuple[str, str, bytes]]] = {}  # finding -> (kind, file, png)
     images: list[Path] = []
+    _remove_earlier_plots(out)
     if plotting is not None:
         for finding, entries in by_finding.items():
             if not any(entry.both_classes for entry in entries):
@@ -102,6 +103,17 @@ def write_report(out: Path, summary: dict, rows: list[dict],
     page = out / "report.html"
     page.write_text(_html(summary, rows, columns, list(by_finding), figures, missing), encoding="utf-8")
     return Report(page, images, missing)
+
+
+def _remove_earlier_plots(out: Path) -> None:
+    """An earlier run's plots in the same folder would pass for this run's: only the names
+    this module gives them (a kind and a finding some model reports) are removed."""
+    from ..pipeline.registry import MODELS
+
+    findings = {label for spec in MODELS.values() for label in spec.label_names}
+    for kind in KINDS:
+        for finding in findings:
+            (out / f"{kind}-{slug(finding)}.png").unlink(missing_ok=True)
 
 
 # --- figures ----------------------------------------------------------------------------------
