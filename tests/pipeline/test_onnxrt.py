@@ -77,6 +77,9 @@ def test_every_model_scores_the_same_on_both_backends(name, exported_weights, fi
     assert np.abs(scores - expected).max() <= 1e-4
     # The comparison means something only if the scores depend on the image.
     assert np.ptp(expected, axis=0).max() > 1e-3
+    # Heatmaps on both backends exactly where the architecture has them (test_cam.py).
+    assert (fast.maps_unavailable is None) == (eager.maps_unavailable is None) == (
+        spec.maps_unsupported is None)
 
 
 def test_a_cached_graph_loads_without_torch(ready_weights, allow_untrained):
@@ -313,3 +316,69 @@ def test_untrained_weights_refuse_to_run_from_a_cached_graph(ready_weights, monk
     monkeypatch.delenv(ALLOW_UNTRAINED_ENV, raising=False)
     with pytest.raises(UntrainedWeightsError, match="UNTRAINED"):
         Classifier.load(DENSENET, folder)
+
+
+def test_the_maps_output_leaves_the_scores_as_they_were(ready_weights, allow_untrained,
+                                                         fixture_inputs):
+    """The graph before it had maps (`network(x)` exported alone) and the graph with them
+    give the very same scores; the maps were checked at export, and the record says so."""
+    import contextlib
+    import io
+    import warnings
+
+    import torch
+
+    from xrvd.pipeline import weights
+
+    spec = get_spec(DENSENET)
+    folder = ready_weights(DENSENET, recorded=False)
+    network = weights.load_network(spec, folder / spec.weights_file).network
+    before = io.BytesIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(network, (torch.from_numpy(onnxrt.check_input(224, 2)),), before,
+                          dynamo=False, opset_version=onnxrt.OPSET, input_names=["image"],
+                          output_names=["scores"], do_constant_folding=True,
+                          dynamic_axes={"image": {0: "batch"}, "scores": {0: "batch"}})
+    graph = folder / next(n for n in graphs(folder) if n.endswith(".onnx"))
+    record = json.loads(graph.with_name(graph.name + ".json").read_text())
+    assert record["maps"] is True
+    assert record["maps_max_abs_diff"] <= record["maps_tolerance"]
+    batch = fixture_inputs(224)
+    old = onnxrt.Runner(before.getvalue(), spec, threads=1)
+    new = onnxrt.Runner(graph.read_bytes(), spec, threads=1)
+    assert (old.has_maps, new.has_maps) == (False, True)
+    np.testing.assert_array_equal(new.run(batch), old.run(batch))
+    np.testing.assert_array_equal(new.run_with_maps(batch)[0], old.run(batch))
+
+
+def test_maps_that_differ_from_torch_leave_the_scores_in_service(weights_copy, allow_untrained,
+                                                                 monkeypatch, fixture_inputs):
+    from xrvd.pipeline import cam
+    from xrvd.pipeline.models import MapsUnavailableError
+
+    real = cam.torch_scores_and_maps
+
+    def maps_off_by_a_hundredth(network, batch):
+        scores, maps = real(network, batch)
+        return scores, maps + 0.01
+
+    monkeypatch.setattr(cam, "torch_scores_and_maps", maps_off_by_a_hundredth)
+    folder = weights_copy(DENSENET)
+    with capture_logs() as logs:
+        classifier = Classifier.load(DENSENET, folder)
+    [differ] = events(logs, "model.maps_differ")
+    assert differ["max_abs_diff"] == pytest.approx(0.01, rel=0.01)
+    assert classifier.backend == "onnxruntime" and "no checked maps" in \
+        classifier.maps_unavailable
+    with pytest.raises(MapsUnavailableError):
+        classifier.predict_with_maps(fixture_inputs(224))
+    # The verdict is kept with the graph: from the cache, still scores without maps.
+    monkeypatch.setattr(cam, "torch_scores_and_maps", real)
+    sidecar = folder / next(n for n in graphs(folder) if n.endswith(".json"))
+    assert json.loads(sidecar.read_text())["maps"] is False
+    with capture_logs() as logs:
+        again = Classifier.load(DENSENET, folder)
+    assert events(logs, "model.backend")[0]["source"] == "cache"
+    assert again.maps_unavailable is not None
+    assert Classifier.load(DENSENET, folder, backend="torch").maps_unavailable is None

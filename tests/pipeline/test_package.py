@@ -45,6 +45,27 @@ def exported(exported_once, allow_untrained):
     return exported_once
 
 
+@pytest.fixture(scope="module")
+def with_maps(exported_once) -> bytes:
+    """The module's package, its manifest made again with PyTorch's maps on the check input
+    (as `xrvd models export` makes it when it passes them): a package with heatmaps."""
+    from xrvd.pipeline.cam import torch_scores_and_maps
+    from xrvd.pipeline.weights import load_network
+
+    folder, path, _ = exported_once
+    spec = get_spec(NAME)
+    found = package.read(path)
+    network = load_network(spec, folder / spec.weights_file).network
+    check = found.manifest["check"]
+    manifest = package.build_manifest(
+        spec, found.graph, weights_sha256=found.weights_sha256,
+        untrained=found.manifest["untrained"],
+        torchxrayvision_version=found.manifest["torchxrayvision_version"],
+        reference=np.asarray(check["pytorch_scores"]), difference=check["max_abs_diff"],
+        maps_reference=torch_scores_and_maps(network, onnxrt.check_input(224))[1])
+    return package.encode(manifest, found.graph)
+
+
 def batch() -> np.ndarray:
     return onnxrt.check_input(224, 4) * np.float32(0.5)
 
@@ -224,3 +245,75 @@ def test_a_full_install_with_its_weights_is_not_stopped_by_a_bad_package(exporte
     assert classifier.identity.weights_sha256 == record["weights_sha256"]
     [ignored] = [e for e in events if e["event"] == "model.package_ignored"]
     assert "operating points differ" in ignored["reason"]
+
+
+def installed(tmp_path, data: bytes):
+    alone = tmp_path / "service-weights"
+    alone.mkdir(exist_ok=True)
+    (alone / f"{NAME}{package.SUFFIX}").write_bytes(data)
+    return alone
+
+
+def from_cache(exported_weights) -> Classifier:
+    """The same graph from the session's ONNX cache (no package beside it)."""
+    folder, _ = exported_weights(NAME)
+    classifier = Classifier.load(NAME, folder, threads=1, allow_untrained=True,
+                                 backend="onnxruntime")
+    assert classifier.backend == "onnxruntime" and classifier.maps_unavailable is None
+    return classifier
+
+
+def test_a_package_with_maps_serves_the_graphs_heatmaps(exported, with_maps, tmp_path,
+                                                        exported_weights):
+    manifest = package.parse(tmp_path / "p", with_maps).manifest
+    assert manifest["maps"] is True
+    assert manifest["check"]["maps_max_abs_diff"] <= manifest["check"]["maps_tolerance"]
+    from_package = Classifier.load(NAME, installed(tmp_path, with_maps), threads=1,
+                                   allow_untrained=True)
+    assert from_package.maps_unavailable is None
+    for got, expected in zip(from_package.predict_with_maps(batch()),
+                             from_cache(exported_weights).predict_with_maps(batch()),
+                             strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("manifest_says", ["maps false", "no maps key (older package)"])
+def test_a_package_without_maps_scores_and_says_it_has_no_heatmaps(exported, with_maps,
+                                                                   tmp_path, manifest_says,
+                                                                   exported_weights):
+    from xrvd.pipeline.models import MapsUnavailableError
+
+    found = package.parse(tmp_path / "p", with_maps)
+    manifest = {**found.manifest, "check": {
+        k: v for k, v in found.manifest["check"].items() if not k.startswith(("maps",
+                                                                             "pytorch_maps"))}}
+    if manifest_says == "maps false":
+        manifest["maps"] = False
+    else:
+        del manifest["maps"]
+    classifier = Classifier.load(NAME, installed(tmp_path, package.encode(manifest,
+                                                                          found.graph)),
+                                 threads=1, allow_untrained=True)
+    np.testing.assert_array_equal(classifier.predict(batch()),
+                                  from_cache(exported_weights).predict(batch()))
+    assert "export it again" in classifier.maps_unavailable
+    with pytest.raises(MapsUnavailableError):
+        classifier.predict_with_maps(batch())
+
+
+def test_a_package_whose_maps_are_not_its_graphs_is_refused(with_maps, tmp_path):
+    import base64
+
+    found = package.parse(tmp_path / "p", with_maps)
+    check = dict(found.manifest["check"])
+    maps = package.recorded_maps(found.manifest).copy()
+    maps[0, 0] = maps[0, 0, ::-1]  # the first map mirrored: same mean, wrong place
+    check["pytorch_maps"] = {"shape": list(maps.shape), "float32_le_base64":
+                             base64.b64encode(maps.astype("<f4").tobytes()).decode()}
+    mirrored = package.encode({**found.manifest, "check": check}, found.graph)
+    with pytest.raises(PackageError, match="maps on the check input differ"):
+        Classifier.load(NAME, installed(tmp_path, mirrored), threads=1, allow_untrained=True)
+    del check["pytorch_maps"]
+    missing = package.encode({**found.manifest, "check": check}, found.graph)
+    with pytest.raises(PackageError, match="lacks PyTorch's maps"):
+        Classifier.load(NAME, installed(tmp_path, missing), threads=1, allow_untrained=True)

@@ -5,6 +5,9 @@ Two backends run the same network: ONNX Runtime (a graph exported from the loade
 TorchXRayVision model and checked against it, see onnxrt.py) and PyTorch eager. `auto` picks
 ONNX Runtime when it is installed; a model whose graph cannot be exported or does not match
 PyTorch runs on PyTorch, with a `model.backend_fallback` event that says why.
+
+Both backends also give class activation maps (cam.py) for the models that have them:
+`predict_with_maps`; `maps_unavailable` says why a classifier has none.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UntrainedWeightsError, WeightsMissingError
+from ..errors import UntrainedWeightsError, WeightsMissingError, XrvdError
 from ..cpus import available_cpus
 from ..log import get_logger
 from . import onnxrt, package
@@ -26,6 +29,12 @@ from .trust import TrustedHashes, check_recorded, record_first_use
 from .weights import load_network, require, weights_path
 
 BACKENDS = ("auto", "onnxruntime", "torch")
+
+
+class MapsUnavailableError(XrvdError):
+    """This model, or the form it was loaded from, has no class activation maps."""
+
+    reason = "maps_unavailable"
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,7 @@ class Classifier:
         self._runner = runner
         self._weights_path = weights_path
         self._indices = [label.index for label in spec.labels]
+        self._with_maps = None  # cam.WithMaps around the torch network, made when first asked
 
     @property
     def network(self):
@@ -193,7 +203,8 @@ class Classifier:
             record = cached.record
             refuse_untrained(spec, path, record.get("untrained"), allowed)
             try:
-                runner = onnxrt.Runner(cached.graph, spec, threads=threads, device=device)
+                runner = onnxrt.Runner(cached.graph, spec, threads=threads, device=device,
+                                       maps=record.get("maps") is True)
             except Exception as exc:  # the file matched its sha256, but cannot be run
                 cached = onnxrt.Cached("invalid", cached.path, reason=f"{type(exc).__name__}: "
                                        f"{str(exc)[:200]}")
@@ -244,9 +255,7 @@ class Classifier:
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """(N, 1, R, R) float32 in [-1024, 1024] -> (N, len(labels)) scores in [0, 1]."""
-        expected = (1, self.resolution, self.resolution)
-        if batch.ndim != 4 or batch.shape[1:] != expected:
-            raise ValueError(f"expected a batch of shape (N, {expected}), got {batch.shape}")
+        self._check(batch)
         if self._runner is not None:
             return self._runner.run(batch)[:, self._indices].astype(np.float32)
         import torch
@@ -254,6 +263,50 @@ class Classifier:
         with torch.inference_mode():
             out = self.network(torch.from_numpy(batch).to(self.device))
         return out[:, self._indices].float().cpu().numpy()
+
+    def _check(self, batch: np.ndarray) -> None:
+        expected = (1, self.resolution, self.resolution)
+        if batch.ndim != 4 or batch.shape[1:] != expected:
+            raise ValueError(f"expected a batch of shape (N, {expected}), got {batch.shape}")
+
+    @property
+    def maps_unavailable(self) -> str | None:
+        """Why predict_with_maps cannot run here (for a heatmap's "unsupported"); None if it
+        can."""
+        if self.spec.maps_unsupported is not None:
+            return f"{self.spec.name} has no heatmaps: {self.spec.maps_unsupported}"
+        if self._runner is not None and not self._runner.has_maps:
+            return (f"the ONNX graph {self.spec.name} runs from has no checked maps (a model "
+                    "package exported before xrvd made heatmaps, or maps that differed from "
+                    "PyTorch's at export): export it again with `xrvd models export "
+                    f"{self.spec.name}` on a full install, or use model.backend torch")
+        return None
+
+    def predict_with_maps(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 1, R, R) float32 in [-1024, 1024] -> (scores, maps) for the model's labels:
+        scores (N, len(labels)) as predict gives them, and maps (N, len(labels), h, w)
+        float32, the class activation maps in logit space (cam.py: each map's mean is its
+        label's logit, before the sigmoid and operating-point normalisation; h x w is the
+        network's last feature grid, 7 x 7 for DenseNet-121, 16 x 16 for ResNet-50, whose
+        cells tile the input square). Raises MapsUnavailableError (see maps_unavailable)."""
+        reason = self.maps_unavailable
+        if reason is not None:
+            raise MapsUnavailableError(reason)
+        self._check(batch)
+        if self._runner is not None:
+            scores, maps = self._runner.run_with_maps(batch)
+            return (scores[:, self._indices].astype(np.float32),
+                    maps[:, self._indices].astype(np.float32))
+        import torch
+
+        from .cam import WithMaps
+
+        if self._with_maps is None:
+            self._with_maps = WithMaps(self.network)
+        with torch.inference_mode():
+            scores, maps = self._with_maps(torch.from_numpy(batch).to(self.device))
+        return (scores[:, self._indices].float().cpu().numpy(),
+                maps[:, self._indices].float().cpu().numpy())
 
     def predict_many(self, arrays: list[np.ndarray], batch_size: int = 8) -> np.ndarray:
         """Score any number of (1, 1, R, R) inputs, `batch_size` at a time."""

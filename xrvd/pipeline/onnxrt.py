@@ -4,6 +4,8 @@ against PyTorch, cache it beside the weights, and run it without torch.
 The graph is exactly what `network(x)` computes for xrvd's inputs, sigmoid and
 operating-point normalisation included, so its scores mean the same as PyTorch's. Inputs are
 (N, 1, R, R) float32 in [-1024, 1024] at the model's native resolution; N is a dynamic axis.
+For an architecture with class activation maps (cam.py) the graph has a second output, `maps`
+(N, outputs, h, w), checked against PyTorch too; scoring asks ONNX Runtime for `scores` alone.
 
 Cache: `<weights_dir>/<model>.<weights sha256[:16]>.<exporter tag>.onnx` and a JSON sidecar
 (`.onnx.json`) written after it. The sidecar is the commit record: it names the weights' and
@@ -44,11 +46,11 @@ from .trust import TrustedHashes
 
 OPSET = 17
 # Bump when the export code changes what the graph computes: every cached export is rebuilt.
-EXPORT_REVISION = 1
+EXPORT_REVISION = 2  # 2: the `maps` output
 SIDECAR_FORMAT = 1
 # The largest difference from PyTorch's scores a graph may show on the check input.
 TOLERANCE = 1e-4
-INPUT, OUTPUT = "image", "scores"
+INPUT, OUTPUT, MAPS = "image", "scores", "maps"
 CHECK_BATCH = 3  # not the traced example's batch (2): the check also proves N is dynamic
 
 
@@ -179,8 +181,10 @@ def make_session(model: Path | bytes, spec: ModelSpec, *, threads: int, device: 
     session = ort.InferenceSession(source, sess_options=options, providers=providers)
     inputs, outputs = session.get_inputs(), session.get_outputs()
     expected = [1, spec.resolution, spec.resolution]
-    if ([i.name for i in inputs] != [INPUT] or [o.name for o in outputs] != [OUTPUT]
+    if ([i.name for i in inputs] != [INPUT]
+            or [o.name for o in outputs] not in ([OUTPUT], [OUTPUT, MAPS])
             or list(inputs[0].shape[1:]) != expected or len(outputs[0].shape) != 2
+            or any(len(o.shape) != 4 for o in outputs[1:])
             or isinstance(inputs[0].shape[0], int)):
         raise ExportError(f"the graph is not a {spec.name} graph with a dynamic batch axis "
                           f"(inputs {[(i.name, i.shape) for i in inputs]})")
@@ -191,30 +195,51 @@ def run(session, batch: np.ndarray) -> np.ndarray:
     return session.run([OUTPUT], {INPUT: np.ascontiguousarray(batch, dtype=np.float32)})[0]
 
 
+def run_with_maps(session, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return tuple(session.run([OUTPUT, MAPS],
+                             {INPUT: np.ascontiguousarray(batch, dtype=np.float32)}))
+
+
 class Runner:
     """A graph ready to score batches. On the CPU with several threads, a batch of at least
     one image per thread is split into one part per thread, run at the same time (ONNX
     Runtime releases the GIL) by a single-threaded session: no thread waits for another at
     each of the graph's hundreds of operators. On 2 cores that scores DenseNet-121 10-15 %
     faster than one session using both threads, and in the service it leaves that CPU to
-    receiving and converting. Smaller batches run on a session with all the threads."""
+    receiving and converting. Smaller batches run on a session with all the threads.
+
+    maps: offer the graph's `maps` output where it has one; False where nothing vouches for
+    its maps (a sidecar or package that does not say they were checked)."""
 
     def __init__(self, graph: Path | bytes, spec: ModelSpec, *, threads: int,
-                 device: str = "cpu"):
+                 device: str = "cpu", maps: bool = True):
         self.threads = max(1, threads) if device == "cpu" else 1
         self._whole = make_session(graph, spec, threads=threads, device=device)
         self._part = make_session(graph, spec, threads=1) if self.threads > 1 else None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self.has_maps = maps and len(self._whole.get_outputs()) == 2  # make_session: MAPS
 
     def run(self, batch: np.ndarray) -> np.ndarray:
+        return self._split(run, batch)
+
+    def run_with_maps(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, maps); the scores are what run() gives for the same batch."""
+        if not self.has_maps:
+            raise ExportError("this graph has no checked `maps` output")
+        return self._split(run_with_maps, batch)
+
+    def _split(self, function, batch: np.ndarray):
         if self._part is None or len(batch) < self.threads:
-            return run(self._whole, batch)
+            return function(self._whole, batch)
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 self.threads, thread_name_prefix="xrvd-onnxruntime")
         parts = np.array_split(np.ascontiguousarray(batch, dtype=np.float32), self.threads)
-        futures = [self._executor.submit(run, self._part, part) for part in parts]
-        return np.concatenate([future.result() for future in futures])
+        futures = [self._executor.submit(function, self._part, part) for part in parts]
+        results = [future.result() for future in futures]
+        if isinstance(results[0], tuple):
+            return tuple(np.concatenate(outputs) for outputs in zip(*results, strict=True))
+        return np.concatenate(results)
 
 
 def check_input(resolution: int, n: int = CHECK_BATCH) -> np.ndarray:
@@ -228,6 +253,14 @@ def check_input(resolution: int, n: int = CHECK_BATCH) -> np.ndarray:
     rows = coarse[:, low, :] * (1 - w)[None, :, None] + coarse[:, low + 1, :] * w[None, :, None]
     image = rows[:, :, low] * (1 - w) + rows[:, :, low + 1] * w
     return (image * 1024).astype(np.float32)[:, None]
+
+
+def maps_tolerance(reference: np.ndarray) -> float:
+    """TOLERANCE relative to the maps' scale, as it is to the scores' (which span 1): maps are
+    logits, up to tens, and float32 is only so precise relative to them (PyTorch's own float32
+    maps of a random ResNet-50 differ from float64 by 2e-5 of their largest value)."""
+    finite = np.abs(reference[np.isfinite(reference)])
+    return TOLERANCE * max(1.0, float(finite.max()) if finite.size else 1.0)
 
 
 def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -252,9 +285,15 @@ def torch_scores(network, batch: np.ndarray) -> np.ndarray:
 
 
 def export_graph(network, spec: ModelSpec) -> bytes:
-    """The ONNX graph of `network(x)` (legacy TorchScript exporter, opset 17)."""
+    """The ONNX graph of `network(x)` (legacy TorchScript exporter, opset 17), with the
+    `maps` output where the architecture has maps (the scores are the same either way)."""
     import torch
 
+    outputs = [OUTPUT]
+    if spec.maps_unsupported is None:
+        from .cam import WithMaps
+
+        network, outputs = WithMaps(network), [OUTPUT, MAPS]
     example = torch.from_numpy(check_input(spec.resolution, 2))
     buffer = io.BytesIO()
     # The exporter's deprecation and tracer warnings concern its own future, not this graph
@@ -263,8 +302,8 @@ def export_graph(network, spec: ModelSpec) -> bytes:
         warnings.simplefilter("ignore")
         torch.onnx.export(
             network, (example,), buffer, dynamo=False, opset_version=OPSET,
-            input_names=[INPUT], output_names=[OUTPUT], do_constant_folding=True,
-            dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+            input_names=[INPUT], output_names=outputs, do_constant_folding=True,
+            dynamic_axes={name: {0: "batch"} for name in (INPUT, *outputs)},
         )
     return buffer.getvalue()
 
@@ -286,8 +325,10 @@ def build(spec: ModelSpec, network, *, weights_path: Path, weights_sha256: str,
     """Export `network`, check it against PyTorch on the check input, and cache the result.
 
     The sidecar is written either way, so a graph that differs from PyTorch is not exported
-    again at every start; its graph file is not kept. Raises ExportError if the export or a
-    session on its graph fails (nothing is cached then)."""
+    again at every start; its graph file is not kept. Maps that differ (by more than
+    maps_tolerance) leave the scores in service: the sidecar says `"maps": false`, and the
+    graph runs without them. Raises ExportError if the export or a session on its graph fails
+    (nothing is cached then)."""
     import torchxrayvision as xrv
 
     log = get_logger(model=spec.name)
@@ -303,6 +344,12 @@ def build(spec: ModelSpec, network, *, weights_path: Path, weights_sha256: str,
     difference = max(max_abs_diff(runner.run(batch), reference),  # whole batch, and alone
                      max_abs_diff(runner.run(batch[:1]), reference[:1]))
     verified = difference <= TOLERANCE
+    maps_difference = maps_bound = None
+    if runner.has_maps:
+        from .cam import check_graph_maps
+
+        maps_difference, maps_bound = check_graph_maps(runner, network, batch, log)
+        runner.has_maps = verified and maps_difference <= maps_bound
     path, sidecar = export_paths(spec, weights_path.parent, weights_sha256)
     record = {
         "format": SIDECAR_FORMAT,
@@ -318,6 +365,10 @@ def build(spec: ModelSpec, network, *, weights_path: Path, weights_sha256: str,
         "verified": verified,
         "max_abs_diff": difference if math.isfinite(difference) else None,
         "tolerance": TOLERANCE,
+        "maps": runner.has_maps,
+        "maps_max_abs_diff": maps_difference if maps_difference is None
+        or math.isfinite(maps_difference) else None,
+        "maps_tolerance": maps_bound,
         "check_input": f"{CHECK_BATCH} smooth images at {spec.resolution} px (seeded)",
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -345,6 +396,6 @@ def build(spec: ModelSpec, network, *, weights_path: Path, weights_sha256: str,
              duration_s=round(time.perf_counter() - started, 3))
     if verified:
         if device != "cpu":  # the check ran on the CPU; serve on the configured device
-            runner = Runner(graph, spec, threads=threads, device=device)
+            runner = Runner(graph, spec, threads=threads, device=device, maps=runner.has_maps)
         return Built(runner, record, path)
     return Built(None, record, path)

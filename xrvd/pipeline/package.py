@@ -7,18 +7,23 @@ network (`xrvd models export NAME`, then `xrvd models import-package FILE`).
 - `manifest.json`: the model, the labels it reports (output index and operating point), its
   input size, the weights' file name and sha256, the untrained marker, the exporter and library
   versions, the graph's sha256 and size, and the equivalence check: PyTorch's scores on
-  onnxrt.check_input and how far the graph's were from them when it was exported.
+  onnxrt.check_input and how far the graph's were from them when it was exported; where the
+  graph has class activation maps (`"maps": true`, cam.py), PyTorch's maps on the same input
+  too (float32, base64). A package without `"maps": true` (one exported before xrvd made
+  heatmaps) scores as before and has no heatmaps.
 
 A package is verified every time it is loaded, before it scores anything: its size is bounded
 before it is read, the archive holds those two members and nothing else, the manifest agrees
 with xrvd's registry for the model (labels, indices, operating points, resolution), the graph
 matches its sha256, and the graph, run here, gives PyTorch's recorded scores within
-onnxrt.TOLERANCE (the bound is xrvd's, not the manifest's). With the state directory's record
+onnxrt.TOLERANCE (the bound is xrvd's, not the manifest's), and its recorded maps within
+onnxrt.maps_tolerance. With the state directory's record
 (trust.TrustedHashes), the package file must also be the one that was exported or imported.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -79,9 +84,26 @@ def labels_of(spec: ModelSpec) -> list[dict]:
 
 def build_manifest(spec: ModelSpec, graph: bytes, *, weights_sha256: str,
                    untrained: str | None, torchxrayvision_version: str,
-                   reference: np.ndarray, difference: float) -> dict:
+                   reference: np.ndarray, difference: float,
+                   maps_reference: np.ndarray | None = None) -> dict:
+    """maps_reference: PyTorch's maps on the check input (cam.torch_scores_and_maps), for a
+    graph whose maps were checked at export (its sidecar's `"maps": true`); without it the
+    package has no heatmaps. The graph is run here to record how far its maps are from them;
+    raises PackageError if they are further than onnxrt.maps_tolerance."""
     from .. import __version__
 
+    maps_check = {}
+    if maps_reference is not None:
+        reference_maps = np.asarray(maps_reference, dtype="<f4")
+        maps = onnxrt.Runner(graph, spec, threads=1).run_with_maps(
+            onnxrt.check_input(spec.resolution, len(reference_maps)))[1]
+        maps_difference = _maps_difference(maps, reference_maps, spec.name)
+        maps_check = {
+            "pytorch_maps": {"shape": list(reference_maps.shape), "float32_le_base64":
+                             base64.b64encode(reference_maps.tobytes()).decode("ascii")},
+            "maps_max_abs_diff": maps_difference,
+            "maps_tolerance": onnxrt.maps_tolerance(reference_maps),
+        }
     return {
         "format": FORMAT,
         "kind": KIND,
@@ -97,11 +119,13 @@ def build_manifest(spec: ModelSpec, graph: bytes, *, weights_sha256: str,
         "xrvd_version": __version__,
         "onnx_sha256": hashlib.sha256(graph).hexdigest(),
         "onnx_size": len(graph),
+        "maps": bool(maps_check),
         "check": {
             "input": f"onnxrt.check_input({spec.resolution}, {len(reference)})",
             "pytorch_scores": reference.astype(float).tolist(),
             "max_abs_diff": difference,
             "tolerance": onnxrt.TOLERANCE,
+            **maps_check,
         },
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -197,9 +221,37 @@ def check_against(package: Package, spec: ModelSpec) -> None:
             and all(isinstance(v, (int, float)) for v in row) for row in scores):
         problems.append(f"its manifest lacks PyTorch's scores on the check input "
                         f"({onnxrt.CHECK_BATCH} rows of equal length)")
+    if manifest.get("maps") is True and not isinstance(recorded_maps(manifest), np.ndarray):
+        problems.append("its manifest says it has maps but lacks PyTorch's maps on the check "
+                        f"input ({onnxrt.CHECK_BATCH} images)")
     if problems:
         raise PackageError(f"{path} cannot serve {spec.name}: {'; '.join(problems)}. Export "
                            f"the package again with `xrvd models export {spec.name}`")
+
+
+def recorded_maps(manifest: dict) -> np.ndarray | None:
+    """PyTorch's maps on the check input as the manifest records them; None if they are not
+    there whole (CHECK_BATCH images, one map per output of the recorded scores)."""
+    check = manifest.get("check")
+    entry = check.get("pytorch_maps") if isinstance(check, dict) else None
+    try:
+        shape = tuple(entry["shape"])
+        maps = np.frombuffer(base64.b64decode(entry["float32_le_base64"], validate=True),
+                             dtype="<f4").reshape(shape)
+        outputs = len(check["pytorch_scores"][0])
+    except (TypeError, KeyError, IndexError, ValueError):
+        return None
+    return maps if len(shape) == 4 and shape[:2] == (onnxrt.CHECK_BATCH, outputs) else None
+
+
+def _maps_difference(maps: np.ndarray, reference: np.ndarray, where: object) -> float:
+    difference = onnxrt.max_abs_diff(maps, reference)
+    bound = onnxrt.maps_tolerance(reference)
+    if not difference <= bound:
+        shown = "an unbounded amount" if not math.isfinite(difference) else f"{difference:.2e}"
+        raise PackageError(f"{where}: its graph's maps on the check input differ from "
+                           f"PyTorch's by {shown} (more than {bound:.2e})")
+    return difference
 
 
 def verify(package: Package, spec: ModelSpec, *, threads: int,
@@ -208,9 +260,19 @@ def verify(package: Package, spec: ModelSpec, *, threads: int,
     the check input here (within xrvd's tolerance, whatever the manifest says)."""
     check_against(package, spec)
     reference = np.asarray(package.manifest["check"]["pytorch_scores"], dtype=np.float64)
+    maps = package.manifest.get("maps") is True
     try:
-        runner = onnxrt.Runner(package.graph, spec, threads=threads, device=device)
-        scores = runner.run(onnxrt.check_input(spec.resolution, len(reference)))
+        runner = onnxrt.Runner(package.graph, spec, threads=threads, device=device, maps=maps)
+        batch = onnxrt.check_input(spec.resolution, len(reference))
+        if maps and not runner.has_maps:
+            raise PackageError(f"{package.path}: its manifest says the graph has maps, but "
+                               "the graph has no `maps` output")
+        if maps:
+            scores, graph_maps = runner.run_with_maps(batch)
+        else:
+            scores = runner.run(batch)
+    except PackageError:
+        raise
     except Exception as exc:  # the bytes matched their sha256, but do not run
         raise PackageError(f"{package.path}: its graph does not run here "
                            f"({type(exc).__name__}: {str(exc)[:200]})") from exc
@@ -220,6 +282,9 @@ def verify(package: Package, spec: ModelSpec, *, threads: int,
         raise PackageError(f"{package.path}: its graph's scores on the check input differ from "
                            f"PyTorch's recorded ones by {shown} (more than "
                            f"{onnxrt.TOLERANCE}); it is not the model it claims to be")
+    if maps:
+        _maps_difference(graph_maps, recorded_maps(package.manifest),
+                         f"{package.path} is not the model it claims to be")
     return runner
 
 

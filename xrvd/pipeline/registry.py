@@ -22,6 +22,17 @@ NAN = math.nan
 # TorchXRayVision's DenseNet constructor unpickles a whole model (its DenseNet weights were
 # saved with torch.save(model)); its ResNet and JF Healthcare loaders read state dicts.
 PICKLED_MODEL_ARCHITECTURES = frozenset({"densenet121"})
+# Heatmaps (class activation maps, pipeline/cam.py), per architecture: None where the map is
+# exact (the network ends in global average pooling and one linear layer), else why not.
+MAPS_UNSUPPORTED: dict[str, str | None] = {
+    "densenet121": None,
+    "resnet50": None,
+    "jfhealthcare-densenet121": (
+        "its head is not global average pooling and a linear layer: each finding's features "
+        "are pooled by average and maximum at once (AVG_MAX), then batch-normalised; the "
+        "maximum half has no share per image position, so no map can be exact, and its "
+        "authors' own code makes logit maps only for its other (PCAM) pooling"),
+}
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,11 @@ class ModelSpec:
         """True where the published file is a whole pickled model (`torch.save(model)`), not a
         state dict: what TorchXRayVision's own loaders expect of each architecture."""
         return self.architecture in PICKLED_MODEL_ARCHITECTURES
+
+    @property
+    def maps_unsupported(self) -> str | None:
+        """Why this model has no heatmaps (class activation maps); None where it has them."""
+        return MAPS_UNSUPPORTED[self.architecture]
 
     @property
     def label_names(self) -> tuple[str, ...]:
