@@ -204,3 +204,23 @@ def test_orthanc_accepts_the_heatmap_by_c_store(tmp_path):
         assert tags["SeriesDescription"] == LABEL and tags["Modality"] == "OT"
     finally:
         orthanc.stop()
+
+
+def test_crop_leaves_the_strips_the_model_never_saw_untinted_and_pad_does_not(tmp_path):
+    """The WG04 CR is taller than wide: cropped, its top and bottom 57 rows (28 shown) are
+    outside the model's square; padded, all of it is inside. A map hottest at its top row."""
+    ds = pydicom.dcmread(WG04_CR)
+    grid = np.repeat(np.linspace(3.0, -3.0, 7)[:, None], 7, axis=1)
+    tinted = {}
+    for fit in ("crop", "pad"):
+        sc = heatmap_image(ds, grid, finding="Effusion", score=0.6,
+                           identity=report_identity(MODEL), series_instance_uid=generate_uid(),
+                           sop_instance_uid=generate_uid(), series_number=1,
+                           instance_number=1, fit=fit)
+        pixels = sc.pixel_array.astype(int)
+        right = pixels[:, pixels.shape[1] // 2:]  # clear of the burned-in text
+        tinted[fit] = np.ptp(right, axis=-1).max(axis=1) > 8  # per row
+    top = round(57 * 1024 / 1955)
+    assert not tinted["crop"][:top - 1].any() and tinted["crop"][top + 1:top + 100].all()
+    assert tinted["pad"][:100].all()
+    assert not tinted["crop"][-top + 1:].any()

@@ -30,8 +30,8 @@ MAPS_UNSUPPORTED: dict[str, str | None] = {
     "jfhealthcare-densenet121": (
         "its head is not global average pooling and a linear layer: each finding's features "
         "are pooled by average and maximum at once (AVG_MAX), then batch-normalised; the "
-        "maximum half has no share per image position, so no map can be exact, and its "
-        "authors' own code makes logit maps only for its other (PCAM) pooling"),
+        "maximum half has no share per image position, so no map's mean is the logit (its "
+        "authors' own code makes logit maps for its other poolings, never for AVG_MAX)"),
 }
 
 

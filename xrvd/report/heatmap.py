@@ -76,8 +76,8 @@ def heatmap_image(source: Dataset, logit_map: np.ndarray, *, finding: str, score
       dataset read with defer_pixel_data reads them here). Patient and study attributes are
       copied from it (invalid dates, times, sex or age are left empty: strict on output), it
       is referenced in SourceImageSequence, and its pixels are decoded here.
-    logit_map: (h, w), that image's map for this finding, a row of
-      Classifier.predict_with_maps's maps (`maps[i, labels.index(finding)]`).
+    logit_map: (h, w), that image's map for this finding, from
+      Classifier.predict_with_maps: `maps[i, classifier.labels.index(finding)]`.
     finding: the label as the model names it; score: its score in [0, 1] (as predict gives).
     identity: the model (ManufacturerModelName, the burned-in text; untrained weights are
       labelled as such, as in the SR).
@@ -222,15 +222,18 @@ def colormap(t: np.ndarray) -> np.ndarray:
 
 def blend(grey: np.ndarray, values: np.ndarray, inside: np.ndarray) -> np.ndarray:
     """uint8 RGB: grey with the map's upper half tinted (see the module's docstring)."""
-    rgb = np.repeat(grey[..., None].astype(np.float64), 3, axis=-1)
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
     shown = values[inside]
-    if shown.size:
-        median, top = float(np.median(shown)), float(shown.max())
-        if top - median > 1e-6 * max(1.0, abs(top)):
-            t = np.where(inside, np.clip((values - median) / (top - median), 0.0, 1.0), 0.0)
-            alpha = (ALPHA * t)[..., None]
-            rgb = rgb * (1.0 - alpha) + colormap(t) * 255.0 * alpha
-    return np.round(rgb).astype(np.uint8)
+    if not shown.size:
+        return rgb
+    median, top = float(np.median(shown)), float(shown.max())
+    if top - median <= 1e-6 * max(1.0, abs(top)):
+        return rgb
+    hot = inside & (values > median)  # only these change: half the work of the whole image
+    t = np.minimum((values[hot] - median) / (top - median), 1.0)
+    alpha = (ALPHA * t)[:, None]
+    rgb[hot] = np.round(rgb[hot] * (1.0 - alpha) + colormap(t) * (255.0 * alpha))
+    return rgb
 
 
 def burn_in(rgb: np.ndarray, lines: list[str]) -> np.ndarray:
@@ -280,9 +283,7 @@ def _dataset(source: Dataset, pixels: np.ndarray, finding: str, score: float,
         value = source.get(keyword)
         pattern = _VALID.get(keyword)
         if value not in (None, "") and (pattern is None or re.fullmatch(pattern, str(value))):
-            setattr(sc, keyword, value)
-        elif keyword in sc and pattern is not None:
-            setattr(sc, keyword, None)
+            setattr(sc, keyword, value)  # else as highdicom left it: Type 2 empty, or absent
     sc.ConversionType = "SYN"  # synthetic image: made by software, not captured
     sc.SecondaryCaptureDeviceManufacturer = MANUFACTURER
     sc.SecondaryCaptureDeviceManufacturerModelName = identity.name
