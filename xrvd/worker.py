@@ -41,6 +41,7 @@ from .pipeline.models import Classifier
 from .pipeline.prepare import Prepared, PrepareJob, prepare_instance
 from .pipeline.select import SelectRules
 from .report.files import (
+    HeatmapJob,
     OutputSettings,
     ReportJob,
     ReportWritten,
@@ -61,6 +62,7 @@ class _StudyWork:
     error: str | None = None
     scores: dict[int, dict[str, float]] = field(default_factory=dict)  # instance id -> ...
     sources: list[tuple[InstanceRow, pydicom.Dataset]] = field(default_factory=list)
+    heatmaps: list[HeatmapJob] = field(default_factory=list)  # its positive findings
 
 
 # Hands jobs to whatever runs them (this thread, a pool); returns how to collect the results.
@@ -123,6 +125,11 @@ class Worker:
         if unused:
             self.log.warning("model.thresholds_unused", findings=unused,
                              detail="the model does not report these findings")
+        unavailable = self.classifier.maps_unavailable if config.output.heatmaps else None
+        self.heatmaps = config.output.heatmaps and unavailable is None
+        if unavailable is not None:
+            self.log.warning("heatmaps.unsupported", reason=unavailable,
+                             detail="reports are written without heatmaps")
 
     def start(self) -> None:
         self._thread.start()
@@ -251,11 +258,11 @@ class Worker:
             elif not self._adopt_existing_report(item):
                 work.append(item)
         inputs = [(item, row, ds, array) for item in work for row, ds, array in item.selected]
-        scores = self.classifier.predict_many([array for *_, array in inputs],
-                                              self.config.model.batch_size) if inputs else []
+        scores, maps = self._predict([array for *_, array in inputs])
         for item in work:
             item.selected = []  # the arrays are not needed any more
-        for (item, row, ds, _), row_scores in zip(inputs, scores, strict=True):
+        for index, ((item, row, ds, _), row_scores) in enumerate(zip(inputs, scores,
+                                                                     strict=True)):
             if not np.all(np.isfinite(row_scores)):
                 self.store.mark_instance(row.id, "failed", "non_finite_scores")
                 self.on_event(ImageFailed("non_finite_scores"))
@@ -266,9 +273,24 @@ class Worker:
                 label: float(score)
                 for label, score in zip(self.classifier.labels, row_scores, strict=True)}
             item.sources.append((row, ds))
+            if maps is not None:
+                item.heatmaps.extend(
+                    HeatmapJob(row.sop_uid, str(row.path), label, score, maps[index, column])
+                    for column, (label, score) in enumerate(item.scores[row.id].items())
+                    if self.thresholds.positive(label, score))
         reported = [item for item in work if item.scores]
         jobs = [self._report_job(item) for item in reported]
         return Reporting(work, reported, submit(write_report, jobs))
+
+    def _predict(self, arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Scores, and with output.heatmaps the class activation maps (N, labels, h, w)."""
+        batch_size = self.config.model.batch_size
+        if not self.heatmaps or not arrays:
+            return self.classifier.predict_many(arrays, batch_size), None
+        parts = [self.classifier.predict_with_maps(np.concatenate(arrays[start:start + batch_size]))
+                 for start in range(0, len(arrays), batch_size)]
+        return (np.concatenate([scores for scores, _ in parts]),
+                np.concatenate([maps for _, maps in parts]))
 
     def finish(self, reporting: Reporting) -> None:
         written = dict(zip((id(item) for item in reporting.reported), reporting.results(),
@@ -291,7 +313,8 @@ class Worker:
             identity=self.classifier.identity, thresholds=self.thresholds,
             output=OutputSettings(Path(output.folder), output.sr_flavour, output.series_number,
                                   output.series_description, output.json_sidecar),
-            predecessor=self.store.previous_result(item.claim))
+            predecessor=self.store.previous_result(item.claim),
+            heatmaps=tuple(item.heatmaps), fit=self.options.fit)
 
     def _adopt_existing_report(self, item: _StudyWork) -> bool:
         """A report by this model and weights already in the output folder that covers every
@@ -335,7 +358,14 @@ class Worker:
         result_path = Path(written.path) if written is not None else None
         if written is not None:
             self.log.info("report.written", study_instance_uid=claim.study_uid,
-                          path=written.path, sop_instance_uid=written.sop_instance_uid)
+                          path=written.path, sop_instance_uid=written.sop_instance_uid,
+                          heatmaps=written.heatmaps or None)
+            paths = {heatmap.sop_uid: Path(heatmap.source_path) for heatmap in item.heatmaps}
+            for sop_uid, label, error in written.heatmap_errors:
+                # the error may name an archive file read in place (often after the patient)
+                self.log.warning("heatmap.failed", study_instance_uid=claim.study_uid,
+                                 sop_instance_uid=sop_uid, finding=label,
+                                 error=redact_text(error, paths[sop_uid]))
         state = self._record_run(claim, scores, result_path)
         metrics.CLASSIFIED.inc(len(scores))
         self.on_event(ImagesClassified(len(scores), reported=result_path is not None))

@@ -63,6 +63,11 @@ def test_models_export_command(weights_copy, allow_untrained, tmp_path, capsys):
     installed = folder / f"{EXPORTED}.xrvdmodel"
     assert out.strip() == str(installed)
     assert "verified against PyTorch" in err
+    from xrvd.pipeline import package
+
+    manifest = package.read(installed).manifest  # with the maps heatmaps are made from
+    assert manifest["maps"] is True
+    assert manifest["check"]["maps_max_abs_diff"] <= manifest["check"]["maps_tolerance"]
     path = err.split(" at ")[1].split(";")[0]
     assert path.endswith(".onnx") and os.path.dirname(path) == str(folder)
     record = json.loads(open(path + ".json").read())

@@ -22,11 +22,13 @@ from xrvd.report.build import FINDING_CODES, build_report, label_for_meaning
 from xrvd.report.files import (
     EncodedReport,
     EncodedReports,
+    HeatmapJob,
     OutputSettings,
     ReportJob,
     UnreadableReport,
     as_flavour,
     find_existing_report,
+    heatmap_files,
     safe_name,
     write_report,
 )
@@ -87,6 +89,40 @@ def test_the_sidecar_gives_each_finding_the_threshold_it_was_called_at(study, tm
         calls = {f["label"]: (f["threshold"], f["positive"]) for f in image["findings"]}
         assert calls.pop("Cardiomegaly") == (0.3, True)
         assert set(calls.values()) == {(0.5, False)}
+
+
+def test_a_heatmap_that_cannot_be_made_leaves_the_report_and_the_others(study, tmp_path):
+    """One finding's source cannot be read: its heatmap is named in heatmap_errors, the
+    report is written citing the heatmap that could be made, and a rerun of the same run
+    leaves no stale key image in the report's folder."""
+    scores = random_scores(study, seed=4)
+    cr, sc = (str(ds.SOPInstanceUID) for ds in study)
+    made = HeatmapJob(cr, str(WG04_CR), "Cardiomegaly", scores[cr]["Cardiomegaly"],
+                      np.arange(49, dtype=np.float32).reshape(7, 7))
+    broken = HeatmapJob(sc, str(tmp_path / "gone.dcm"), "Effusion", scores[sc]["Effusion"],
+                        np.zeros((7, 7), dtype=np.float32))
+
+    def run(*heatmaps):
+        written = write_report(ReportJob(
+            study_uid=str(study[0].StudyInstanceUID), generation=0, sources=list(study),
+            scores=scores, identity=identity(), thresholds=Thresholds(0.5),
+            output=OutputSettings(tmp_path, "comprehensive3d", 9901, "AI RESULT", True),
+            heatmaps=heatmaps))
+        assert written.error is None, written.error
+        return written
+
+    written = run(made, broken)
+    assert written.heatmaps == 1
+    [(uid, label, error)] = written.heatmap_errors
+    assert (uid, label) == (sc, "Effusion") and "gone.dcm" in error
+    [path] = heatmap_files(written.path)
+    heatmap = pydicom.dcmread(path)
+    sidecar = json.loads(Path(written.path).with_suffix(".json").read_text())
+    cited = {f["label"]: f.get("heatmap_sop_instance_uid")
+             for image in sidecar["images"] if image["sop_instance_uid"] == cr
+             for f in image["findings"]}
+    assert cited["Cardiomegaly"] == heatmap.SOPInstanceUID and cited["Effusion"] is None
+    assert run().heatmaps == 0 and heatmap_files(written.path) == []
 
 
 # --- finding an earlier report -----------------------------------------------------------

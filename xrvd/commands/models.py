@@ -166,8 +166,8 @@ def export(name: str, weights_dir: Path, *, threads: int = 0, force: bool = Fals
 
 def _write_package(spec, network, graph: bytes, record: dict, threads: int, target: Path,
                    trusted: trust.TrustedHashes | None) -> tuple[Path, str]:
-    """The package of a verified graph, with PyTorch's scores on the check input (run again
-    here: the sidecar keeps only their difference)."""
+    """The package of a verified graph, with PyTorch's scores (and maps) on the check input
+    (run again here: the sidecar keeps only their difference)."""
     from ..pipeline import onnxrt
 
     batch = onnxrt.check_input(spec.resolution)
@@ -177,10 +177,15 @@ def _write_package(spec, network, graph: bytes, record: dict, threads: int, targ
     if not difference <= onnxrt.TOLERANCE:
         raise onnxrt.ExportError(f"{spec.name}: the graph's scores differ from PyTorch's by "
                                  f"{difference:.2e}; export again with --force")
+    maps_reference = None
+    if record.get("maps"):  # the graph's maps were checked at export: the package keeps them
+        from ..pipeline.cam import torch_scores_and_maps
+
+        maps_reference = torch_scores_and_maps(network, batch)[1]
     manifest = package.build_manifest(
         spec, graph, weights_sha256=record["weights_sha256"], untrained=record.get("untrained"),
         torchxrayvision_version=record["torchxrayvision_version"], reference=reference,
-        difference=difference)
+        difference=difference, maps_reference=maps_reference)
     digest = package.write(target, manifest, graph)
     if trusted is not None:
         try:

@@ -228,8 +228,8 @@ def build_report(sources: Sequence[Dataset], scores: dict[str, dict[str, float]]
     return sr
 
 
-def _series_uid(settings: _Settings, study_uid: str, generation: int) -> str:
-    identity = settings.identity
+def report_series_uid(study_uid: str, identity: ModelIdentity, generation: int) -> str:
+    """The series of one run's report and its heatmaps."""
     return stable_uid("series", study_uid, identity.name, identity.weights_sha256,
                       str(generation))
 
@@ -264,7 +264,7 @@ def _with_highdicom(settings: _Settings, sources: list[Dataset],
     cls = hd.sr.Comprehensive3DSR if settings.flavour == "comprehensive3d" else hd.sr.EnhancedSR
     sr = cls(
         evidence=[*sources, *heatmaps.values()], content=report,
-        series_instance_uid=_series_uid(settings, study_uid, generation),
+        series_instance_uid=report_series_uid(study_uid, settings.identity, generation),
         series_number=settings.series_number,
         sop_instance_uid=report_uid(study_uid, identity.name, identity.weights_sha256,
                                     generation),
@@ -298,7 +298,7 @@ def _from_templates(template: DocumentTemplate, settings: _Settings, sources: li
         sources, encoded, evidence=list(heatmaps.values()),
         sop_instance_uid=report_uid(study_uid, identity.name, identity.weights_sha256,
                                     generation),
-        series_instance_uid=_series_uid(settings, study_uid, generation),
+        series_instance_uid=report_series_uid(study_uid, settings.identity, generation),
         instance_number=generation + 1, equipment=_equipment(identity))
 
 

@@ -28,6 +28,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from pydicom.charset import default_encoding
 from pydicom.dataelem import DataElement, RawDataElement
@@ -69,6 +70,16 @@ class OutputSettings:
 
 
 @dataclass(frozen=True)
+class HeatmapJob:
+    """One positive finding of one image, to be shown as a heatmap key image."""
+    sop_uid: str
+    source_path: str  # the image's file, read again for its pixels
+    label: str
+    score: float
+    map: np.ndarray  # (h, w) class activation map in logits, on the model input's grid
+
+
+@dataclass(frozen=True)
 class ReportJob:
     study_uid: str
     generation: int
@@ -78,6 +89,8 @@ class ReportJob:
     thresholds: Thresholds
     output: OutputSettings
     predecessor: str | None = None  # the previous generation's report file
+    heatmaps: tuple[HeatmapJob, ...] = ()
+    fit: str = "crop"  # how the image was made square for the model (convert.fit)
 
 
 @dataclass(frozen=True)
@@ -85,6 +98,10 @@ class ReportWritten:
     path: str | None = None
     sop_instance_uid: str | None = None
     error: str | None = None
+    heatmaps: int = 0  # key images written with it
+    # (SOP Instance UID, label, error) of heatmaps that could not be made: the report is
+    # written without them (a key image is never worth losing the finding).
+    heatmap_errors: tuple[tuple[str, str, str], ...] = ()
 
 
 def write_report(job: ReportJob) -> ReportWritten:
@@ -93,27 +110,75 @@ def write_report(job: ReportJob) -> ReportWritten:
         if job.predecessor is not None and Path(job.predecessor).is_file():
             predecessor = pydicom.dcmread(job.predecessor, stop_before_pixels=True)
         output = job.output
-        sr = build_report(
-            job.sources, job.scores, job.identity, job.thresholds, generation=job.generation,
-            flavour=output.sr_flavour, series_number=output.series_number,
-            series_description=output.series_description, predecessor=predecessor)
         folder = Path(output.folder) / safe_name(job.study_uid)
         folder.mkdir(parents=True, exist_ok=True)
         stem = report_stem(job.identity, job.generation)
         target = folder / f"{stem}.dcm"
+        # Before the report: a report on disk has every key image it cites.
+        heatmaps, heatmap_errors = _write_heatmaps(job, heatmaps_folder(target))
+        sr = build_report(
+            job.sources, job.scores, job.identity, job.thresholds, generation=job.generation,
+            flavour=output.sr_flavour, series_number=output.series_number,
+            series_description=output.series_description, predecessor=predecessor,
+            heatmaps=heatmaps)
         buffer = io.BytesIO()
         sr.save_as(buffer, enforce_file_format=True)
         write_atomically(target, buffer.getvalue())
         if output.json_sidecar:
             write_atomically(folder / f"{stem}.json",
-                             json.dumps(_sidecar(job, str(sr.SOPInstanceUID)),
+                             json.dumps(_sidecar(job, str(sr.SOPInstanceUID), heatmaps),
                                         indent=2).encode())
     except Exception as exc:  # noqa: BLE001 - reported to the caller, which retries the study
         return ReportWritten(error=f"{type(exc).__name__}: {exc}")
-    return ReportWritten(str(target), str(sr.SOPInstanceUID))
+    return ReportWritten(str(target), str(sr.SOPInstanceUID), heatmaps=len(heatmaps),
+                         heatmap_errors=tuple(heatmap_errors))
 
 
-def _sidecar(job: ReportJob, report_uid: str) -> dict:
+def _write_heatmaps(job: ReportJob, folder: Path
+                    ) -> tuple[dict[tuple[str, str], Dataset], list[tuple[str, str, str]]]:
+    """The job's heatmap Secondary Captures, in the report's series, each written atomically
+    under its SOP Instance UID; what an earlier attempt at this run left there is removed
+    first (its findings may have been called otherwise)."""
+    if folder.is_dir():
+        for stale in folder.glob("*.dcm"):
+            stale.unlink()
+    if not job.heatmaps:
+        return {}, []
+    from .heatmap import heatmap_image  # numpy and Pillow work only a heatmap needs
+
+    folder.mkdir(parents=True, exist_ok=True)
+    identity = job.identity
+    # A series of their own beside the report's: Modality (OT, the report's is SR) is a
+    # series-level attribute.
+    series_uid = stable_uid("heatmap series", job.study_uid, identity.name,
+                            identity.weights_sha256, str(job.generation))
+    written: dict[tuple[str, str], Dataset] = {}
+    errors: list[tuple[str, str, str]] = []
+    source, source_path = None, None
+    for number, heatmap in enumerate(job.heatmaps, start=1):
+        uid = stable_uid("heatmap", heatmap.sop_uid, heatmap.label, identity.name,
+                         identity.weights_sha256, str(job.generation))
+        try:
+            if heatmap.source_path != source_path:  # a job lists an image's findings together
+                source, source_path = pydicom.dcmread(heatmap.source_path), heatmap.source_path
+            image = heatmap_image(
+                source, heatmap.map, finding=heatmap.label, score=heatmap.score,
+                fit=job.fit, identity=identity, series_instance_uid=series_uid,
+                sop_instance_uid=uid, instance_number=number,
+                series_number=min(job.output.series_number + 1, 2**31 - 1))
+            buffer = io.BytesIO()
+            image.save_as(buffer, enforce_file_format=True)
+            write_atomically(folder / f"{safe_name(uid)}.dcm", buffer.getvalue())
+        except Exception as exc:  # noqa: BLE001 - the report goes out without this one
+            source, source_path = None, None
+            errors.append((heatmap.sop_uid, heatmap.label, f"{type(exc).__name__}: {exc}"))
+            continue
+        written[(heatmap.sop_uid, heatmap.label)] = image
+    return written, errors
+
+
+def _sidecar(job: ReportJob, report_uid: str,
+             heatmaps: dict[tuple[str, str], Dataset]) -> dict:
     return {
         "study_instance_uid": job.study_uid,
         "generation": job.generation,
@@ -131,7 +196,10 @@ def _sidecar(job: ReportJob, report_uid: str) -> dict:
                 "findings": [
                     {"label": label, "score": round(score, 6),
                      "threshold": job.thresholds.of(label),
-                     "positive": job.thresholds.positive(label, score)}
+                     "positive": job.thresholds.positive(label, score),
+                     **({"heatmap_sop_instance_uid": str(heatmap.SOPInstanceUID)}
+                        if (heatmap := heatmaps.get((str(ds.SOPInstanceUID), label)))
+                        is not None else {})}
                     for label, score in sorted(job.scores[str(ds.SOPInstanceUID)].items(),
                                                key=lambda kv: kv[1], reverse=True)],
             }
