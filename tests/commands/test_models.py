@@ -34,6 +34,10 @@ def test_import_command(untrained_weights, tmp_path, capsys):
     line = next(row for row in listing.splitlines() if row.startswith(DENSENET))
     assert "ok (" in line
     assert "missing" in next(r for r in listing.splitlines() if r.startswith(RESNET))
+    # which models can draw heatmaps, and why the one that cannot does not
+    assert "  yes  " in line
+    assert "  no  " in next(r for r in listing.splitlines() if r.startswith("jfhealthcare"))
+    assert "jfhealthcare-densenet121-res512: its head is not global average pooling" in listing
     assert main(["models", "import", DENSENET, str(tmp_path / "nope.pt"), "-c",
                  str(config)]) == 2
     assert "no such file" in capsys.readouterr().err

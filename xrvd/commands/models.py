@@ -43,6 +43,8 @@ def list_models(weights_dir: Path, *, verify: bool = False,
             "present": present,
             "size_bytes": path.stat().st_size if present else None,
             "package": str(packaged) if packaged.is_file() else None,
+            # output.heatmaps: None where the model has class activation maps, else why not
+            "heatmaps_unsupported": spec.maps_unsupported,
         }
         if verify and present and not torch_installed():
             row["status"] = "ok (not verified: loading weights needs PyTorch, and this is a " \
@@ -71,7 +73,7 @@ def render_list(rows: list[dict], weights_dir: Path, as_json: bool) -> str:
     name_w = max(len(r["name"]) for r in rows)
     arch_w = max(len(r["architecture"]) for r in rows)
     lines = [f"weights folder: {weights_dir}",
-             f"{'MODEL':<{name_w}}  {'ARCHITECTURE':<{arch_w}}  RES  LABELS  WEIGHTS"]
+             f"{'MODEL':<{name_w}}  {'ARCHITECTURE':<{arch_w}}  RES  LABELS  MAPS  WEIGHTS"]
     for r in rows:
         if r["present"]:
             state = f"{r['status'].split(':')[0]} ({r['size_bytes'] / 1e6:.1f} MB)"
@@ -79,8 +81,14 @@ def render_list(rows: list[dict], weights_dir: Path, as_json: bool) -> str:
             state = f"missing ({r['weights_file']})"
         if r["package"]:
             state += f"; model package {Path(r['package']).name}"
+        maps = "no" if r["heatmaps_unsupported"] else "yes"
         lines.append(f"{r['name']:<{name_w}}  {r['architecture']:<{arch_w}}  "
-                     f"{r['resolution']:>3}  {len(r['labels']):>6}  {state}")
+                     f"{r['resolution']:>3}  {len(r['labels']):>6}  {maps:<4}  {state}")
+    if any(r["heatmaps_unsupported"] for r in rows):
+        lines.append("")
+        lines.append("MAPS: heatmaps (output.heatmaps). " + " ".join(
+            f"{r['name']}: {r['heatmaps_unsupported']}." for r in rows
+            if r["heatmaps_unsupported"]))
     missing = [r["name"] for r in rows if not r["present"] and not r["package"]]
     if missing:
         lines.append("")
