@@ -28,8 +28,9 @@ class NotEnoughData(ValueError):
     """Both classes are needed (an AUROC of one class is undefined)."""
 
 
-def _split(scores, labels) -> tuple[np.ndarray, np.ndarray]:
-    """(positive scores, negative scores) as float64; labels 1/0 (True/False)."""
+def _checked(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+    """(scores as float64, labels) as flat arrays, of the same length, labels 1/0
+    (True/False), scores finite."""
     scores = np.asarray(scores, dtype=np.float64).ravel()
     labels = np.asarray(labels).ravel()
     if scores.shape != labels.shape:
@@ -38,6 +39,12 @@ def _split(scores, labels) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError("labels must be 0 or 1 (leave unlabelled images out)")
     if not np.isfinite(scores).all():
         raise ValueError("scores must be finite")
+    return scores, labels
+
+
+def _split(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+    """(positive scores, negative scores) as float64."""
+    scores, labels = _checked(scores, labels)
     positive, negative = scores[labels == 1], scores[labels == 0]
     if not len(positive) or not len(negative):
         raise NotEnoughData(f"{len(positive)} positive and {len(negative)} negative images: "
@@ -220,14 +227,7 @@ def calibration(scores, labels, bins: int = 10) -> Calibration:
     enough (the share is then 0 or 1 throughout)."""
     if bins < 1:
         raise ValueError(f"bins must be at least 1, got {bins}")
-    values = np.asarray(scores, dtype=np.float64).ravel()
-    truth = np.asarray(labels).ravel()
-    if values.shape != truth.shape:
-        raise ValueError(f"{values.size} scores but {truth.size} labels")
-    if not np.isin(truth, (0, 1)).all():
-        raise ValueError("labels must be 0 or 1 (leave unlabelled images out)")
-    if not np.isfinite(values).all():
-        raise ValueError("scores must be finite")
+    values, truth = _checked(scores, labels)
     index = np.searchsorted(np.linspace(0.0, 1.0, bins + 1)[1:-1], values, side="left")
     count = np.bincount(index, minlength=bins)
     total = np.bincount(index, weights=values, minlength=bins)
