@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "xrvd"
 # Top to bottom: a module may import from its own wing or any wing below it.
 WINGS = ("entry", "commands", "runtime", "ingest", "engine", "report", "store", "pipeline",
          "leaves")
-ENGINE = {"worker", "pool", "forkserver", "deliver", "events"}
+ENGINE = {"worker", "pool", "forkserver", "deliver", "events", "cluster"}
 LEAVES = {"__init__", "config", "config_base", "sources", "web", "stats", "thresholds", "errors", "log",
           "systemd", "metrics", "fsutil", "cpus"}
 

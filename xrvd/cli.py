@@ -38,6 +38,16 @@ def _non_negative_int(text: str) -> int:
     return int(text)
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
+
+
 def _date(text: str):
     from .commands.backfill import parse_date
 
@@ -216,6 +226,19 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument("--workers", type=_non_negative_int, metavar="N",
                           help="processes decoding and converting images (default: the cores "
                           "available; 0: in the main process)")
+    backfill.add_argument("--engine", choices=("local", "ray"),
+                          help="local: on this machine; ray: across a Ray cluster (the ray "
+                          "extra; folders only; default: backfill.engine in the config)")
+    backfill.add_argument("--address", metavar="ADDRESS",
+                          help="with --engine ray: the cluster, auto (RAY_ADDRESS or the one "
+                          "`ray start` started here), local (a Ray of its own), HOST:PORT or "
+                          "ray://HOST:PORT (default: backfill.ray_address)")
+    backfill.add_argument("--actors", type=_non_negative_int, metavar="N",
+                          help="with --engine ray: model actors (0: one per node, or as many "
+                          "as the GPUs hold; default: backfill.actors)")
+    backfill.add_argument("--gpus-per-actor", type=_non_negative_float, metavar="G",
+                          help="with --engine ray: GPUs each model actor holds (a fraction "
+                          "shares one; 0: CPU; default: backfill.gpus_per_actor)")
     export = sub.add_parser(
         "export", parents=[common], help="write results as CSV, JSON Lines or Parquet",
         description="One row per classified image (its current result): UIDs, view, model, "
@@ -334,7 +357,12 @@ def _backfill(args: argparse.Namespace, config) -> int:
     from .cpus import available_cpus
 
     workers = available_cpus() if args.workers is None else args.workers
+    config = _backfill_engine(args, config)
     if args.source is not None:
+        if config.backfill.engine == "ray":
+            print("xrvd backfill: --source retrieves and classifies on this machine; the Ray "
+                  "engine back-fills folders (run it with --engine local)", file=sys.stderr)
+            return EXIT_ERROR
         return _backfill_source(args, config, workers)
     if not args.paths:
         print("xrvd backfill: give folders or files to crawl, or --source NAME to query a "
@@ -347,6 +375,21 @@ def _backfill(args: argparse.Namespace, config) -> int:
         paths=tuple(args.paths), recursive=args.recursive, dry_run=args.dry_run,
         limit=args.limit, since=args.since, workers=workers)
     return run_backfill(config, request, args.log_level)
+
+
+def _backfill_engine(args: argparse.Namespace, config):
+    """The config with the command line's --engine, --address, --actors and --gpus-per-actor
+    in its backfill section (checked as the config's keys are)."""
+    from .config import validate_config
+
+    given = {"engine": args.engine, "ray_address": args.address, "actors": args.actors,
+             "gpus_per_actor": args.gpus_per_actor}
+    given = {key: value for key, value in given.items() if value is not None}
+    if not given:
+        return config
+    settings = validate_config({"backfill": {**config.backfill.model_dump(), **given}},
+                               "the command line").backfill
+    return config.model_copy(update={"backfill": settings})
 
 
 def _backfill_source(args: argparse.Namespace, config, workers: int) -> int:

@@ -332,6 +332,34 @@ class ServiceConfig(Section):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
 
+def _ray_address(value: str) -> str:
+    text = value.strip()
+    host, _, port = text.removeprefix("ray://").rpartition(":")
+    if text in ("auto", "local") or (host and port.isdigit() and 0 < int(port) < 65536):
+        return text
+    raise ValueError(f"must be auto, local, HOST:PORT (the head's GCS) or ray://HOST:PORT (Ray "
+                     f"Client), got {value!r}")
+
+
+class BackfillConfig(Section):
+    """`xrvd backfill` on folders: on this machine, or across a Ray cluster (the `ray` extra,
+    `uv sync --extra ray`); the command line's --engine, --address, --actors and
+    --gpus-per-actor override these."""
+
+    # local: worker processes beside the model on this machine. ray: the driver (this
+    # process) crawls and keeps the journal; Ray tasks read and convert, model actors score.
+    engine: Literal["local", "ray"] = "local"
+    # auto: the cluster RAY_ADDRESS names, else the one `ray start` started on this machine;
+    # local: a Ray instance of its own for this run; HOST:PORT or ray://HOST:PORT (Ray Client).
+    ray_address: Annotated[str, AfterValidator(_ray_address)] = "auto"
+    # Model actors; 0: one per node (with gpus_per_actor: as many as the cluster's GPUs hold).
+    actors: int = Field(default=0, ge=0, le=4096)
+    # GPUs each actor holds (a fraction shares one); above 0 the model runs on cuda there.
+    gpus_per_actor: float = Field(default=0.0, ge=0, le=64)
+    # CPUs Ray sets aside for each actor (its intra-op threads are model.threads).
+    cpus_per_actor: float = Field(default=1.0, ge=0, le=256)
+
+
 class LogConfig(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
@@ -355,6 +383,7 @@ class Config(Section):
     select: SelectConfig = Field(default_factory=SelectConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     service: ServiceConfig = Field(default_factory=ServiceConfig)
+    backfill: BackfillConfig = Field(default_factory=BackfillConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 
     @model_validator(mode="after")

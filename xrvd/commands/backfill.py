@@ -8,6 +8,9 @@ Two phases, both resumable from the journal:
    conversion, batched inference and the report writer on them. Conversion runs in a pool
    of worker processes, one round ahead of inference, so decoding overlaps with the model.
 
+With `backfill.engine: ray` (`--engine ray`) the classify phase runs across a Ray cluster:
+backfill_ray.py, the same Worker with its stages spread over the cluster (engine: cluster.py).
+
 Every study is claimed only after the crawl has journaled all of its files, so a study spread
 over several folders still gets one report. An interrupted run leaves studies 'processing';
 the next run's recovery puts them back in the queue, and a run whose report had already been
@@ -178,10 +181,26 @@ class Backfill:
 
     def classify(self, store: Store, worker: Worker, progress: Progress) -> None:
         progress.start_phase("classify", store.count_instances("stored"))
-        # Rounds big enough to keep every worker process busy while the model works.
-        round_size = max(self.config.model.batch_size, 4 * max(self.request.workers, 1))
+        round_size = self.round_size()
         while worker.step(0.0, round_size, worker.submit):
             pass
+
+    # --- what an engine decides (backfill_ray.RayBackfill runs them on a cluster) ----------
+
+    def runtime(self) -> Runtime:
+        return Runtime(self.config, "backfill", processes=self.request.workers)
+
+    def engine(self, runtime: Runtime, progress: Progress) -> Worker:
+        return runtime.engine(deliver=False, on_event=self._on_event(progress))
+
+    def round_size(self) -> int:
+        """Studies claimed at a time: enough to keep every worker process busy while the model
+        works."""
+        return max(self.config.model.batch_size, 4 * max(self.request.workers, 1))
+
+    def engine_rows(self) -> list[tuple[str, str]]:
+        """Lines of the summary about where the work ran (none for this machine)."""
+        return []
 
     def _on_event(self, progress: Progress) -> Callable[[WorkEvent], None]:
         def listen(event: WorkEvent) -> None:
@@ -198,7 +217,7 @@ class Backfill:
 
     def run(self) -> int:
         interactive = sys.stderr.isatty()
-        runtime = Runtime(self.config, "backfill", processes=self.request.workers)
+        runtime = self.runtime()
         progress = Progress(interactive)
         started = time.monotonic()
         interrupted = False
@@ -208,7 +227,7 @@ class Backfill:
             self.log.info("backfill.started", roots=[str(p) for p in self.request.paths],
                           workers=self.request.workers, **recovered)
             self.register(runtime.store, progress)
-            worker = runtime.engine(deliver=False, on_event=self._on_event(progress))
+            worker = self.engine(runtime, progress)
             self.classify(runtime.store, worker, progress)
         except KeyboardInterrupt:
             interrupted = True
@@ -241,6 +260,7 @@ class Backfill:
             ("studies with a report already", str(tally.already_reported)),
             ("study attempts failed", str(tally.failed_studies)),
             ("studies left for the next run", str(waiting)),
+            *self.engine_rows(),
             ("time", f"{elapsed:.1f} s"),
             ("classification rate", f"{rate:.2f} images/s"),
         ]
@@ -341,10 +361,13 @@ def _verdict(prepared: Prepared, selected: str) -> tuple[str, str, str]:
 def run_backfill(config: Config, request: BackfillRequest,
                  log_level: str | None = None) -> int:
     out = configure_output(config, request.dry_run, log_level)
-    backfill = Backfill(config, request, out)
-    if request.dry_run:
-        return backfill.dry_run()
-    return interruptible(backfill.run)
+    if request.dry_run:  # on this machine whatever the engine: nothing is classified
+        return Backfill(config, request, out).dry_run()
+    if config.backfill.engine == "ray":
+        from .backfill_ray import run_ray_backfill
+
+        return run_ray_backfill(config, request, out)
+    return interruptible(Backfill(config, request, out).run)
 
 
 def configure_output(config: Config, dry_run: bool, log_level: str | None) -> TextIO:
