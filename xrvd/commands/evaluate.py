@@ -19,6 +19,7 @@ also proposes those thresholds as the config snippet that sets them (OUT/thresho
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -30,10 +31,17 @@ from typing import TextIO
 import numpy as np
 
 from ..errors import EXIT_OK, EXIT_PARTIAL
+from ..fsutil import write_atomically
 from ..pipeline.convert import ConvertOptions
 from ..pipeline.models import Classifier, ModelIdentity
 from ..pipeline.registry import get_spec
-from ..stats import NotEnoughData, at_threshold, delong_interval, round_threshold, threshold_for
+from ..stats import (
+    NotEnoughData,
+    at_threshold,
+    delong_interval,
+    round_threshold,
+    threshold_for,
+)
 from ..thresholds import Thresholds
 from .classify import classify_files
 from .evaluate_labels import (  # noqa: F401 - the labels readers, re-exported
@@ -204,18 +212,20 @@ def evaluate(config, labels_path: Path, out: Path, *, models: tuple[str, ...] = 
             journal.close()
     out.mkdir(parents=True, exist_ok=True)
     not_scored = _not_scored(labels, scored)
-    with open(out / "metrics.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, COLUMNS, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
+    # Each file appears whole or not at all (an interrupted run leaves no half table).
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, COLUMNS, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomically(out / "metrics.csv", table.getvalue().encode("utf-8"))
     identities = [_identity(model) for model in scored]
     summary = {"models": identities, "labels_file": str(labels_path),
                "images": len(labels.files), "target": {target.metric: target.value},
                "from_journal": from_journal, "not_classified": not_scored}
-    (out / "metrics.json").write_text(json.dumps({
+    write_atomically(out / "metrics.json", json.dumps({
         **summary,
         "findings": [{key: _jsonable(value) for key, value in row.items()} for row in rows],
-    }, indent=2, allow_nan=False), encoding="utf-8")
+    }, indent=2, allow_nan=False).encode("utf-8"))
     _print(rows, identities, len(labels.files), not_scored, from_journal, stream)
     report = evaluate_report.write_report(out, summary, rows, curves, COLUMNS)
     if report.missing:
@@ -226,7 +236,7 @@ def evaluate(config, labels_path: Path, out: Path, *, models: tuple[str, ...] = 
         snippets = [thresholds_snippet(model, rows, config.model.threshold, target)
                     for model in scored]
         # One YAML document per model: each is a config file's `model:` section by itself.
-        (out / "thresholds.yaml").write_text("---\n".join(snippets), encoding="utf-8")
+        write_atomically(out / "thresholds.yaml", "---\n".join(snippets).encode("utf-8"))
         stream.write(f"\nProposed thresholds for {target.describe()} on these images, as they "
                      "go into the config file (model.name must be the model named above "
                      "them):\n\n" + "\n".join(snippets) + "\n")

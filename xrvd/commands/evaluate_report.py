@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
+from ..fsutil import write_atomically
 from ..stats import calibration, roc_curve
 
 PLOTS_MISSING = ("plots: matplotlib is not installed, so report.html has the tables alone; "
@@ -96,12 +97,13 @@ def write_report(out: Path, summary: dict, rows: list[dict],
             for kind, draw in zip(KINDS, (_roc, _calibration, _histograms), strict=True):
                 png = _render(plotting, draw, finding, entries)
                 path = out / f"{kind}-{slug(finding)}.png"
-                path.write_bytes(png)
+                write_atomically(path, png)
                 images.append(path)
                 figures.setdefault(finding, []).append((kind, path.name, png))
     missing = "" if plotting is not None else PLOTS_MISSING
     page = out / "report.html"
-    page.write_text(_html(summary, rows, columns, list(by_finding), figures, missing), encoding="utf-8")
+    write_atomically(page, _html(summary, rows, columns, list(by_finding), figures,
+                                 missing).encode("utf-8"))
     return Report(page, images, missing)
 
 
