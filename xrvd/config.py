@@ -307,6 +307,10 @@ class OutputConfig(Section):
     # Secondary Capture in the report's series ("AI RESULT - heatmap - not for diagnosis"),
     # referenced from the finding in the SR and delivered with it.
     heatmaps: bool = False
+    # At most this many per image, its strongest positive findings: each is an RGB image of up
+    # to 1024 px (about 3 MB), so an image with many positive findings cannot make the output
+    # many times larger than what was received.
+    max_heatmaps_per_image: int = Field(default=3, ge=1, le=18)
 
 
 class MetricsConfig(Section):

@@ -274,10 +274,14 @@ class Worker:
                 for label, score in zip(self.classifier.labels, row_scores, strict=True)}
             item.sources.append((row, ds))
             if maps is not None:
+                positive = sorted(
+                    ((score, column, label) for column, (label, score)
+                     in enumerate(item.scores[row.id].items())
+                     if self.thresholds.positive(label, score)), reverse=True)
                 item.heatmaps.extend(
                     HeatmapJob(row.sop_uid, str(row.path), label, score, maps[index, column])
-                    for column, (label, score) in enumerate(item.scores[row.id].items())
-                    if self.thresholds.positive(label, score))
+                    for score, column, label in
+                    positive[:self.config.output.max_heatmaps_per_image])
         reported = [item for item in work if item.scores]
         jobs = [self._report_job(item) for item in reported]
         return Reporting(work, reported, submit(write_report, jobs))

@@ -16,6 +16,7 @@ from pydicom.uid import generate_uid
 from xrvd.cli import main
 from xrvd.errors import EXIT_OK
 from xrvd.fsutil import StateDirLock
+from xrvd.report.files import heatmap_files
 
 from ..harness import (
     CRAFTED,
@@ -34,6 +35,7 @@ from ..harness import (
     journal_rows,
     journal_text,
     record_exported_graphs,
+    sidecar,
     write_config,
     write_crafted,
 )
@@ -323,3 +325,21 @@ def test_identifiers_stay_out_of_events_and_journal(tmp_path, ready_weights, inc
     else:
         assert MARKER not in logged
         assert all(e["file"].startswith("id:") for e in backfill.find("file.skipped"))
+
+
+def test_heatmaps_for_the_strongest_positive_findings_only(tmp_path, ready_weights,
+                                                          allow_untrained, capsys):
+    """Every finding positive (threshold 0): output.max_heatmaps_per_image bounds what one
+    image makes, and those are its strongest findings, each cited by the report."""
+    archive = tmp_path / "archive"
+    source = copy_with_new_uids(NIH_SC, archive / "one.dcm")
+    config = write_config(tmp_path, ready_weights(MODEL), model={"threshold": 0.0},
+                          output={"folder": str(tmp_path / "out"), "heatmaps": True,
+                                  "max_heatmaps_per_image": 2})
+    assert main(["backfill", "-c", str(config), "--workers", "0", str(archive)]) == 0
+    [report] = (tmp_path / "out").glob("*/*.dcm")  # the heatmaps are in a folder beside it
+    [image] = sidecar(report)["images"]
+    assert image["sop_instance_uid"] == source.SOPInstanceUID
+    with_heatmap = [f["label"] for f in image["findings"] if "heatmap_sop_instance_uid" in f]
+    assert with_heatmap == [f["label"] for f in image["findings"]][:2]  # strongest first
+    assert len(heatmap_files(report)) == 2
