@@ -2,6 +2,7 @@
 
 Run by hand:  uv run python benchmarks/backfill.py [--images 500] [--kind both]
               [--workers N] [--batch-size 4] [--backend torch|onnxruntime|auto]
+              [--engine local|ray] [--nodes 3]
 
 For each kind of archive it generates --images files from the shared fixtures, each with new
 UIDs (one study each):
@@ -14,6 +15,10 @@ Then, one after the other on the same machine, each in its own process:
   backfill:  `xrvd backfill` on the whole folder, from a fresh journal.
 It prints images/s and peak resident memory (the sum over the back-fill's process tree).
 Untrained weights of the right format are used: speed does not depend on the weights' values.
+
+With --engine ray (the ray extra), instead of bare and reference: the local engine against
+the Ray engine on a one-node Ray cluster of the same cores, a table of 1 to --nodes simulated
+nodes on this box, and the driver's journal rate (benchmarks/backfill_cluster.py).
 """
 
 from __future__ import annotations
@@ -145,7 +150,8 @@ def tree_rss_mb(pid: int) -> float:
     return total / 1024
 
 
-def run_backfill(args, folder: Path, scratch: Path, python: str = sys.executable) -> dict:
+def run_backfill(args, folder: Path, scratch: Path, python: str = sys.executable,
+                 extra: list[str] | tuple[str, ...] = ()) -> dict:
     config = {
         "state_dir": str(scratch / "state"),
         "model": {"name": MODEL, "weights_dir": args.weights, "batch_size": args.batch_size,
@@ -160,6 +166,7 @@ def run_backfill(args, folder: Path, scratch: Path, python: str = sys.executable
                str(folder)]
     if args.workers is not None:
         command += ["--workers", str(args.workers)]
+    command += list(extra)
     started = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             env=dict(os.environ, **ALLOW), text=True)
@@ -173,9 +180,14 @@ def run_backfill(args, folder: Path, scratch: Path, python: str = sys.executable
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     finished = {}
+    classify_cpu = None  # the command's own CPU seconds when its classify phase began
     for line in proc.stdout:
+        if classify_cpu is None and '"phase": "classify"' in line:
+            classify_cpu = own_cpu_s(proc.pid)
         if '"backfill.finished"' in line:
             finished = json.loads(line)
+            if classify_cpu is not None:
+                classify_cpu = own_cpu_s(proc.pid) - classify_cpu
     code = proc.wait()
     sampler.join()
     wall = time.perf_counter() - started
@@ -183,7 +195,15 @@ def run_backfill(args, folder: Path, scratch: Path, python: str = sys.executable
         raise SystemExit(f"xrvd backfill exited {code}")
     return {"images_per_s": finished["rate_per_s"], "wall_s": wall,
             "wall_images_per_s": finished["classified"] / wall,
-            "classified": finished["classified"], "peak_rss_mb": peak[0]}
+            "classified": finished["classified"], "peak_rss_mb": peak[0],
+            "classify_cpu_ms_per_image": 1000 * (classify_cpu or 0.0) / max(
+                finished["classified"], 1)}
+
+
+def own_cpu_s(pid: int) -> float:
+    """CPU seconds (user and system) a process has used itself, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def in_child(what: str, args, folder: Path) -> dict:
@@ -207,6 +227,10 @@ def main() -> None:
     parser.add_argument("--backend", default="torch")
     parser.add_argument("--sample", type=int, default=40,
                         help="files timed on the reference path")
+    parser.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="ray: the Ray engine against the local one (the ray extra)")
+    parser.add_argument("--nodes", type=int, default=3,
+                        help="with --engine ray: simulated nodes, 1 to this many")
     parser.add_argument("--child", choices=("bare", "reference"))
     parser.add_argument("--folder")
     parser.add_argument("--weights")
@@ -233,6 +257,14 @@ def main() -> None:
             size_mb = sum(p.stat().st_size for p in folder.rglob("*.dcm")) / 2**20
             print(f"# {label}: {args.images} files, {size_mb:.0f} MB, generated in "
                   f"{time.perf_counter() - started:.0f} s")
+            if args.engine == "ray":
+                import backfill_cluster
+
+                backfill_cluster.main(args, folder, scratch, run_backfill, tree_rss_mb, label,
+                                      MODEL)
+                for path in folder.rglob("*.dcm"):
+                    path.unlink()
+                continue
             bare = in_child("bare", args, folder)
             print(f"{label:<28} {'bare model':<12} {bare['images_per_s']:>9.1f} "
                   f"{bare['peak_rss_mb']:>12.0f}  {bare['backend']}, pre-converted arrays")

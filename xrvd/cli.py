@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "the source's modalities)")
     backfill.add_argument("--workers", type=_non_negative_int, metavar="N",
                           help="processes decoding and converting images (default: the cores "
-                          "available; 0: in the main process)")
+                          "available; 0: in the main process; the local engine's)")
     backfill.add_argument("--engine", choices=("local", "ray"),
                           help="local: on this machine; ray: across a Ray cluster (the ray "
                           "extra; folders only; default: backfill.engine in the config)")

@@ -55,7 +55,7 @@ from .pipeline.prepare import Prepared, PrepareJob
 from .pipeline.registry import get_spec
 from .pipeline.trust import TrustedHashes
 from .pipeline.weights import weights_path
-from .pool import PREPARE_NICENESS
+from .pool import PREPARE_NICENESS, load_libraries
 from .report.files import ReportWritten
 
 INSTALL = "uv sync --extra ray"
@@ -159,6 +159,12 @@ def _run_chunk(function: Callable[[Any], Any], jobs: list[Any]) -> list[Any]:
     return [function(job) for job in jobs]
 
 
+def _warm_up() -> int:
+    _below_the_model()
+    load_libraries()
+    return os.getpid()
+
+
 @dataclass(frozen=True)
 class RemoteArray:
     """A converted image left on the node that made it: row `index` of a task's batch."""
@@ -179,6 +185,13 @@ class RaySubmit:
         options = {"num_cpus": 1, "max_retries": TASK_RETRIES}
         self._prepare = ray.remote(num_returns=2, **options)(_prepare_chunk)
         self._run = ray.remote(**options)(_run_chunk)
+        self._warm_up = ray.remote(**options)(_warm_up)
+
+    def warm_up(self, tasks: int) -> int:
+        """Start about `tasks` task processes and load their libraries (the conversion,
+        highdicom's tables) before the first round, as the local pool does before its first:
+        a second or two each. Returns how many processes answered."""
+        return len(set(self.ray.get([self._warm_up.remote() for _ in range(tasks)])))
 
     def __call__(self, function: Callable[[Any], Any],
                  jobs: list[Any]) -> Callable[[], list[Any]]:

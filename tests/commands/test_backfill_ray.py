@@ -18,9 +18,10 @@ import pytest
 from pydicom.uid import generate_uid
 
 from xrvd.cli import main
-from xrvd.cluster import RaySubmit, connect, ray_module
+from xrvd.cluster import ClusterError, RaySubmit, actor_count, connect, ray_module
 from xrvd.commands.backfill import BackfillRequest, interruptible
 from xrvd.commands.backfill_ray import RayBackfill
+from xrvd.config import BackfillConfig
 from xrvd.errors import EXIT_ERROR, EXIT_OK
 from xrvd.events import ImagesClassified
 from xrvd.pipeline.convert import ConvertOptions
@@ -190,6 +191,11 @@ def test_files_prepared_on_the_cluster_give_the_local_arrays_and_reasons(
     with connect(ray_cluster.address) as cluster:
         remote = RaySubmit(cluster.ray, chunk=3)(function, jobs)()
         arrays = [None if p.array is None else p.array.fetch(cluster.ray) for p in remote]
+        # (and the actors' default count: one per node with a CPU for one; GPUs: none here)
+        assert (cluster.nodes, cluster.cpus) == (3, 5)
+        assert actor_count(cluster, BackfillConfig()) == 3
+        with pytest.raises(ClusterError, match="no GPUs for actors of 0.5 GPU"):
+            actor_count(cluster, BackfillConfig(gpus_per_actor=0.5))
 
     assert [p.instance_id for p in remote] == [p.instance_id for p in local]
     for here, there, array in zip(local, remote, arrays, strict=True):

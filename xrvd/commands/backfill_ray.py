@@ -58,7 +58,10 @@ class RayBackfill(Backfill):
                                                    worker.classifier)
         ray = self.cluster.ray
         worker.classifier = RemoteScorer(ray, worker.classifier, self.actors)
-        worker.submit = RaySubmit(ray, self.config.model.batch_size)
+        worker.submit = submit = RaySubmit(ray, self.config.model.batch_size)
+        # A task process for each CPU the actors leave, started before the classify phase.
+        submit.warm_up(max(int(self.cluster.cpus - len(self.actors)
+                               * self.config.backfill.cpus_per_actor), 1))
         self.log.info("backfill.cluster", address=self.cluster.address,
                       nodes=self.cluster.nodes, cpus=self.cluster.cpus, gpus=self.cluster.gpus,
                       actors=[{key: info[key] for key in ("node", "backend", "device")}
