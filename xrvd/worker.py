@@ -291,10 +291,7 @@ class Worker:
         batch_size = self.config.model.batch_size
         if not self.heatmaps or not arrays:
             return self.classifier.predict_many(arrays, batch_size), None
-        parts = [self.classifier.predict_with_maps(np.concatenate(arrays[start:start + batch_size]))
-                 for start in range(0, len(arrays), batch_size)]
-        return (np.concatenate([scores for scores, _ in parts]),
-                np.concatenate([maps for _, maps in parts]))
+        return self.classifier.predict_many(arrays, batch_size, maps=True)
 
     def finish(self, reporting: Reporting) -> None:
         written = dict(zip((id(item) for item in reporting.reported), reporting.results(),

@@ -308,15 +308,22 @@ class Classifier:
         return (scores[:, self._indices].float().cpu().numpy(),
                 maps[:, self._indices].float().cpu().numpy())
 
-    def predict_many(self, arrays: list[np.ndarray], batch_size: int = 8) -> np.ndarray:
-        """Score any number of (1, 1, R, R) inputs, `batch_size` at a time."""
-        results = [
-            self.predict(np.concatenate(arrays[start:start + batch_size]))
-            for start in range(0, len(arrays), batch_size)
-        ]
-        if not results:
-            return np.zeros((0, len(self.labels)), dtype=np.float32)
-        return np.concatenate(results)
+    def predict_many(self, arrays: list[np.ndarray], batch_size: int = 8, *,
+                     maps: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Score any number of (1, 1, R, R) inputs, `batch_size` at a time; with maps, the
+        scores and the maps (predict_with_maps)."""
+        chunks = [np.concatenate(arrays[start:start + batch_size])
+                  for start in range(0, len(arrays), batch_size)]
+        if not maps:
+            if not chunks:
+                return np.zeros((0, len(self.labels)), dtype=np.float32)
+            return np.concatenate([self.predict(chunk) for chunk in chunks])
+        if not chunks:
+            return (np.zeros((0, len(self.labels)), dtype=np.float32),
+                    np.zeros((0, len(self.labels), 0, 0), dtype=np.float32))
+        results = [self.predict_with_maps(chunk) for chunk in chunks]
+        return (np.concatenate([scores for scores, _ in results]),
+                np.concatenate([found for _, found in results]))
 
 
 def refuse_untrained(spec: ModelSpec, path: Path, untrained: str | None, allowed: bool) -> None:
