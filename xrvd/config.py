@@ -360,8 +360,10 @@ class BackfillConfig(Section):
     actors: int = Field(default=0, ge=0, le=4096)
     # GPUs each actor holds (a fraction shares one); above 0 the model runs on cuda there.
     gpus_per_actor: float = Field(default=0.0, ge=0, le=64)
-    # CPUs Ray sets aside for each actor (its intra-op threads are model.threads).
-    cpus_per_actor: float = Field(default=1.0, ge=0, le=256)
+    # CPUs Ray sets aside for each actor. 0: as on one machine, the model's threads
+    # (model.threads) take the cores when they need them, and the tasks (at a lower priority)
+    # the rest: 0.88x the local engine's rate on one 2-core node, against 0.81x with 1.
+    cpus_per_actor: float = Field(default=0.0, ge=0, le=256)
 
 
 class LogConfig(Section):

@@ -151,9 +151,10 @@ def test_the_ray_engine_gives_the_local_engines_journal_scores_and_reports(
 
     assert main(["backfill", "-c", str(local), "-r", "--workers", "0", str(archive)]) == EXIT_OK
     assert main(["backfill", "-c", str(on_ray), "-r", str(archive)]) == EXIT_OK
-    table = capsys.readouterr().err
-    assert "images classified" in table and "ray at 127.0.0.2:" in table
-    assert "3 nodes" in table and "2 on 2 nodes (2 onnxruntime on cpu)" in table
+    table = dict(line.strip().split("  ", 1) for line in capsys.readouterr().err.splitlines()
+                 if line.startswith("  ") and "  " in line.strip())
+    assert table["engine"].strip() == f"ray at {ray_cluster.address}: 3 nodes, 5 CPUs, 0 GPUs"
+    assert table["model actors"].strip() == "2 on 2 nodes (2 onnxruntime on cpu)", table
 
     here, there = tmp_path / "local" / "state", tmp_path / "ray" / "state"
     assert journal(there) == journal(here)
@@ -285,6 +286,7 @@ def test_a_worker_node_lost_midway_loses_and_repeats_nothing(
     assert len(output) == len(expected_studies)
     assert all(len(files) == 1 for files in output.values())
     assert backfill.tally.classified == len(expected_sops)  # the whole archive in this run
+    assert backfill.scorer.replaced == 1  # the actor on the lost node, started elsewhere
 
 
 def test_without_ray_the_engine_says_how_to_install_it(tmp_path, untrained_weights):

@@ -44,6 +44,7 @@ class RayBackfill(Backfill):
         self.observe = observe
         self.actors: list = []
         self.described: list[dict] = []
+        self.scorer: RemoteScorer | None = None
 
     def runtime(self) -> Runtime:
         # No worker processes here, and the driver's model on the CPU whatever model.device
@@ -54,10 +55,11 @@ class RayBackfill(Backfill):
 
     def engine(self, runtime: Runtime, progress: Progress) -> Worker:
         worker = super().engine(runtime, progress)
-        self.actors, self.described = start_actors(self.cluster, self.config,
-                                                   worker.classifier)
+        self.actors, self.described, replace = start_actors(self.cluster, self.config,
+                                                            worker.classifier)
         ray = self.cluster.ray
-        worker.classifier = RemoteScorer(ray, worker.classifier, self.actors)
+        worker.classifier = self.scorer = RemoteScorer(ray, worker.classifier, self.actors,
+                                                       replace)
         worker.submit = submit = RaySubmit(ray, self.config.model.batch_size)
         # A task process for each CPU the actors leave, started before the classify phase.
         submit.warm_up(max(int(self.cluster.cpus - len(self.actors)
@@ -92,6 +94,8 @@ class RayBackfill(Backfill):
                        f"{cluster.cpus:g} CPUs, {cluster.gpus:g} GPUs"),
             ("  model actors", f"{len(self.actors)} on {nodes} nodes ("
                                + ", ".join(f"{n} {kind}" for kind, n in kinds.items()) + ")"),
+            *([("  model actors lost and replaced", str(self.scorer.replaced))]
+              if self.scorer is not None and self.scorer.replaced else []),
         ]
 
 
