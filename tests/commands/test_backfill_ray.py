@@ -1,6 +1,6 @@
 """`xrvd backfill --engine ray` on a real Ray cluster of three nodes on this machine (a head and
 two workers, on loopback, started once for the module): the folder back-fill's archive gives
-the local engine's journal rows, scores (within 1e-5) and reports; files prepared on the
+the local engine's journal rows, scores (within 1e-5), reports and heatmaps; files prepared on the
 cluster give the local arrays bit for bit and the local skip reasons; a worker node killed
 midway and a driver killed midway leave every image classified once and one report per
 study; without Ray the engine says how to install it."""
@@ -99,8 +99,8 @@ def build_archive(root: Path, copies: int) -> tuple[set[str], set[str]]:
 
 
 def configure(folder: Path, weights: Path, engine: str, address: str, batch_size: int = 2,
-              actors: int = 2) -> Path:
-    return write_config(folder, weights, output={"folder": str(folder / "out")},
+              actors: int = 2, **output) -> Path:
+    return write_config(folder, weights, output={"folder": str(folder / "out"), **output},
                         model={"batch_size": batch_size},
                         backfill={"engine": engine, "ray_address": address, "actors": actors})
 
@@ -146,8 +146,8 @@ def test_the_ray_engine_gives_the_local_engines_journal_scores_and_reports(
     expected_sops, expected_studies = build_archive(archive, copies=2)
     weights = ready_weights(MODEL, tmp_path / "local" / "state")
     ready_weights(MODEL, tmp_path / "ray" / "state")
-    local = configure(tmp_path / "local", weights, "local", ray_cluster.address)
-    on_ray = configure(tmp_path / "ray", weights, "ray", ray_cluster.address)
+    local = configure(tmp_path / "local", weights, "local", ray_cluster.address, heatmaps=True)
+    on_ray = configure(tmp_path / "ray", weights, "ray", ray_cluster.address, heatmaps=True)
 
     assert main(["backfill", "-c", str(local), "-r", "--workers", "0", str(archive)]) == EXIT_OK
     assert main(["backfill", "-c", str(on_ray), "-r", str(archive)]) == EXIT_OK
@@ -172,6 +172,10 @@ def test_the_ray_engine_gives_the_local_engines_journal_scores_and_reports(
     assert len(ray_reports) == len(expected_studies)
     assert ray_reports == local_reports  # one per study, under the same names
     assert all(len(files) == 1 for files in ray_reports.values())
+    heatmaps = {engine: sorted(str(path.relative_to(tmp_path / engine / "out"))
+                               for path in (tmp_path / engine / "out").rglob("*-heatmaps/*.dcm"))
+                for engine in ("local", "ray")}
+    assert heatmaps["ray"] == heatmaps["local"] and len(heatmaps["ray"]) >= len(expected_sops)
     local_sidecars = sidecar_scores(tmp_path / "local" / "out")
     ray_sidecars = sidecar_scores(tmp_path / "ray" / "out")
     assert ray_sidecars.keys() == local_sidecars.keys()

@@ -77,7 +77,11 @@ class ScoreActor:
                 "backend": self.classifier.backend, "device": self.classifier.device,
                 "identity": dataclasses.asdict(self.classifier.identity), "xrvd": __version__}
 
-    def score(self, batch: np.ndarray, indices: list[int]) -> np.ndarray:
+    def score(self, batch: np.ndarray, indices: list[int], maps: bool = False):
+        """Scores of the batch's rows `indices`; with maps, (scores, class activation maps)
+        as Classifier.predict_with_maps gives them (output.heatmaps)."""
+        if maps:
+            return self.classifier.predict_with_maps(batch[indices])
         return self.classifier.predict(batch[indices])
 
 
@@ -170,16 +174,20 @@ class RemoteScorer:
         self.identity = classifier.identity
         self.labels = classifier.labels
         self.resolution = classifier.resolution
+        self.maps_unavailable = classifier.maps_unavailable
         self.slots: list[Any] = list(actors)  # None: lost, not replaced
         self.replace = replace
         self.replacements_left = ACTOR_RESTARTS * len(actors)
         self.replaced = 0
         self.log = get_logger(component="cluster")
 
-    def predict_many(self, arrays: list[RemoteArray], batch_size: int = 8) -> np.ndarray:
-        """Each task's batch (the rows of it asked for) goes to the least busy actor, as the
-        chunks were made: batch_size is the chunk's already."""
+    def predict_many(self, arrays: list[RemoteArray], batch_size: int = 8, *,
+                     maps: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """As Classifier.predict_many: each task's batch (the rows of it asked for) goes to
+        the least busy actor, as the chunks were made (batch_size is the chunk's already);
+        with maps, (scores, maps)."""
         scores = np.zeros((len(arrays), len(self.labels)), dtype=np.float32)
+        found: np.ndarray | None = None  # the maps, once their grid is known
         groups: dict[Any, tuple[list[int], list[int]]] = {}
         for position, array in enumerate(arrays):
             positions, rows = groups.setdefault(array.batch, ([], []))
@@ -197,7 +205,7 @@ class RemoteScorer:
                     break
                 item = pending.pop()
                 handle = self.slots[slot]
-                running[handle.score.remote(item[0], item[2])] = (slot, handle, item)
+                running[handle.score.remote(item[0], item[2], maps)] = (slot, handle, item)
                 load[slot] += 1
             if not running:
                 raise ClusterError("every model actor is lost, and replaced "
@@ -208,7 +216,7 @@ class RemoteScorer:
             if current:
                 load[slot] -= 1
             try:
-                scores[item[1]] = self.ray.get(done)
+                result = self.ray.get(done)
             except (errors.ActorDiedError, errors.ActorUnschedulableError) as exc:
                 pending.append(item)
                 if current:
@@ -217,6 +225,16 @@ class RemoteScorer:
                 pending.append(item)
             except errors.RayError as exc:
                 raise ClusterError(f"a model actor failed: {exc}") from None
+            else:
+                if maps:
+                    result, grid = result
+                    if found is None:
+                        found = np.zeros((len(arrays), *grid.shape[1:]), dtype=np.float32)
+                    found[item[1]] = grid
+                scores[item[1]] = result
+        if maps:
+            return scores, (found if found is not None else
+                            np.zeros((0, len(self.labels), 0, 0), dtype=np.float32))
         return scores
 
     def _lost(self, slot: int, exc: Exception, load: list[int]) -> None:
