@@ -44,6 +44,8 @@ WG04_CR = CXR / "wg04_cr_chest_mono1_15bit.dcm"
 NIH_SC = CXR / "nih_dx_sc_mono2_8bit.dcm"
 RSNA_JPEG = CXR / "rsna_cr_chest_jpeg_baseline.dcm"
 TINY_CR = CXR / "tiny_cr_chest_mono1_32px.dcm"
+# The frontal chest fixtures: each is classified.
+FRONTAL = [WG04_CR, NIH_SC, RSNA_JPEG]
 PNGS = sorted(CXR.glob("*.png"))
 
 # The model write_config configures (and the daemon tests' weights are prepared for).
@@ -485,6 +487,35 @@ def copy_with_new_uids(source: Path, target: Path, *, study_uid: str | None = No
     target.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(target)
     return ds
+
+
+def build_archive(root: Path, copies: int) -> tuple[set[str], set[str]]:
+    """The archive the folder back-fill tests crawl (local and Ray engines): nested folders of
+    fixture copies with new UIDs, a study split over two folders, rejects and garbage.
+    Returns (SOP UIDs that must be classified, their study UIDs)."""
+    sops, studies = set(), set()
+    for copy in range(copies):
+        for number, source in enumerate(FRONTAL):
+            ds = copy_with_new_uids(source, root / f"site{copy % 2}" / f"day{copy}" /
+                                    f"img{number}.dcm")
+            sops.add(ds.SOPInstanceUID)
+            studies.add(ds.StudyInstanceUID)
+    split = generate_uid()
+    for folder in ("site0/split-a", "site1/split-b"):
+        ds = copy_with_new_uids(FRONTAL[2], root / folder / "part.dcm", study_uid=split)
+        sops.add(ds.SOPInstanceUID)
+    studies.add(split)
+    for reject in REJECT.glob("*.dcm"):
+        copy_with_new_uids(reject, root / "other" / reject.name)
+    copy_with_new_uids(TINY_CR, root / "other" / "tiny.dcm")
+    lateral = copy_with_new_uids(FRONTAL[1], root / "other" / "lateral.dcm", ViewPosition="LL")
+    assert lateral.SOPInstanceUID not in sops
+    truncated = root / "other" / "truncated.dcm"
+    copy_with_new_uids(FRONTAL[0], truncated)
+    truncated.write_bytes(truncated.read_bytes()[:len(truncated.read_bytes()) // 2])
+    (root / "notes.txt").write_text("not an image\n")
+    (root / "site0" / "empty.dcm").write_bytes(b"")
+    return sops, studies
 
 
 # --- a PACS: Orthanc on loopback, and an archive to fill it with -----------------------------

@@ -21,15 +21,16 @@ from xrvd.report.files import heatmap_files
 from ..harness import (
     CRAFTED,
     CXR,
+    FRONTAL,
     IDENTIFIERS,
     MARKER,
     MODEL,
     NIH_SC,
     REJECT,
     RSNA_JPEG,
-    TINY_CR,
     WG04_CR,
     DaemonProcess,
+    build_archive,
     copy_with_new_uids,
     everything_logged,
     journal_rows,
@@ -39,36 +40,6 @@ from ..harness import (
     write_config,
     write_crafted,
 )
-
-FRONTAL = [WG04_CR, NIH_SC, RSNA_JPEG]
-
-
-def build_archive(root: Path, copies: int) -> tuple[set[str], set[str]]:
-    """Nested folders of fixture copies with new UIDs, a study split over two folders, rejects
-    and garbage. Returns (SOP UIDs that must be classified, their study UIDs)."""
-    sops, studies = set(), set()
-    for copy in range(copies):
-        for number, source in enumerate(FRONTAL):
-            ds = copy_with_new_uids(source, root / f"site{copy % 2}" / f"day{copy}" /
-                                    f"img{number}.dcm")
-            sops.add(ds.SOPInstanceUID)
-            studies.add(ds.StudyInstanceUID)
-    split = generate_uid()
-    for folder in ("site0/split-a", "site1/split-b"):
-        ds = copy_with_new_uids(FRONTAL[2], root / folder / "part.dcm", study_uid=split)
-        sops.add(ds.SOPInstanceUID)
-    studies.add(split)
-    for reject in REJECT.glob("*.dcm"):
-        copy_with_new_uids(reject, root / "other" / reject.name)
-    copy_with_new_uids(TINY_CR, root / "other" / "tiny.dcm")
-    lateral = copy_with_new_uids(FRONTAL[1], root / "other" / "lateral.dcm", ViewPosition="LL")
-    assert lateral.SOPInstanceUID not in sops
-    truncated = root / "other" / "truncated.dcm"
-    copy_with_new_uids(FRONTAL[0], truncated)
-    truncated.write_bytes(truncated.read_bytes()[:len(truncated.read_bytes()) // 2])
-    (root / "notes.txt").write_text("not an image\n")
-    (root / "site0" / "empty.dcm").write_bytes(b"")
-    return sops, studies
 
 
 def reports_by_study(output: Path) -> dict[str, list[Path]]:

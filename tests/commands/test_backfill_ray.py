@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from pydicom.uid import generate_uid
 
 from xrvd.cli import main
 from xrvd.cluster import ClusterError, RaySubmit, actor_count, connect, ray_module
@@ -29,19 +28,17 @@ from xrvd.pipeline.prepare import PrepareJob, prepare_instance
 from xrvd.pipeline.select import SelectRules
 
 from ..harness import (
+    FRONTAL,
     MODEL,
-    NIH_SC,
     REJECT,
-    RSNA_JPEG,
     TINY_CR,
     WG04_CR,
     DaemonProcess,
-    copy_with_new_uids,
+    build_archive,
     journal_rows,
     write_config,
 )
 
-FRONTAL = [WG04_CR, NIH_SC, RSNA_JPEG]
 # Loopback, but not 127.0.0.1: Ray takes that (and localhost) for this machine's own address
 # on the network and would connect there.
 NODE_IP = "127.0.0.2"
@@ -68,34 +65,6 @@ def ray_cluster():
         yield cluster
     finally:
         cluster.shutdown()
-
-
-def build_archive(root: Path, copies: int) -> tuple[set[str], set[str]]:
-    """test_backfill.py's archive (test modules do not import each other): nested folders of
-    fixture copies with new UIDs, a study split over two folders, rejects and garbage.
-    Returns (SOP UIDs that must be classified, their study UIDs)."""
-    sops, studies = set(), set()
-    for copy in range(copies):
-        for number, source in enumerate(FRONTAL):
-            ds = copy_with_new_uids(source, root / f"site{copy % 2}" / f"day{copy}" /
-                                    f"img{number}.dcm")
-            sops.add(ds.SOPInstanceUID)
-            studies.add(ds.StudyInstanceUID)
-    split = generate_uid()
-    for folder in ("site0/split-a", "site1/split-b"):
-        ds = copy_with_new_uids(FRONTAL[2], root / folder / "part.dcm", study_uid=split)
-        sops.add(ds.SOPInstanceUID)
-    studies.add(split)
-    for reject in REJECT.glob("*.dcm"):
-        copy_with_new_uids(reject, root / "other" / reject.name)
-    copy_with_new_uids(TINY_CR, root / "other" / "tiny.dcm")
-    copy_with_new_uids(FRONTAL[1], root / "other" / "lateral.dcm", ViewPosition="LL")
-    truncated = root / "other" / "truncated.dcm"
-    copy_with_new_uids(FRONTAL[0], truncated)
-    truncated.write_bytes(truncated.read_bytes()[:len(truncated.read_bytes()) // 2])
-    (root / "notes.txt").write_text("not an image\n")
-    (root / "site0" / "empty.dcm").write_bytes(b"")
-    return sops, studies
 
 
 def configure(folder: Path, weights: Path, engine: str, address: str, batch_size: int = 2,
