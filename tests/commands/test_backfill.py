@@ -298,8 +298,9 @@ def test_identifiers_stay_out_of_events_and_journal(tmp_path, ready_weights, inc
         assert all(e["file"].startswith("id:") for e in backfill.find("file.skipped"))
 
 
+@pytest.mark.parametrize("workers", ["0", "2"])  # in the worker thread, in the pool
 def test_heatmaps_for_the_strongest_positive_findings_only(tmp_path, ready_weights,
-                                                          allow_untrained, capsys):
+                                                          allow_untrained, capsys, workers):
     """Every finding positive (threshold 0): output.max_heatmaps_per_image bounds what one
     image makes, and those are its strongest findings, each cited by the report."""
     archive = tmp_path / "archive"
@@ -307,7 +308,7 @@ def test_heatmaps_for_the_strongest_positive_findings_only(tmp_path, ready_weigh
     config = write_config(tmp_path, ready_weights(MODEL), model={"threshold": 0.0},
                           output={"folder": str(tmp_path / "out"), "heatmaps": True,
                                   "max_heatmaps_per_image": 2})
-    assert main(["backfill", "-c", str(config), "--workers", "0", str(archive)]) == 0
+    assert main(["backfill", "-c", str(config), "--workers", workers, str(archive)]) == 0
     [report] = (tmp_path / "out").glob("*/*.dcm")  # the heatmaps are in a folder beside it
     [image] = sidecar(report)["images"]
     assert image["sop_instance_uid"] == source.SOPInstanceUID
