@@ -14,8 +14,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "xrvd"
 WINGS = ("entry", "commands", "runtime", "ingest", "engine", "report", "store", "pipeline",
          "leaves")
 ENGINE = {"worker", "pool", "forkserver", "deliver", "events", "cluster"}
-LEAVES = {"__init__", "config", "config_base", "sources", "web", "stats", "thresholds", "errors", "log",
-          "systemd", "metrics", "fsutil", "cpus"}
+LEAVES = {"__init__", "config", "config_base", "sources", "web", "stats", "thresholds", "errors",
+          "log", "systemd", "metrics", "fsutil", "cpus"}
 
 
 def wing_of(module: str) -> str:

@@ -34,9 +34,9 @@ def test_a_finding_is_called_at_its_own_threshold_and_the_rest_at_the_default():
     assert thresholds.per_finding == (("Cardiomegaly", 0.3),)  # Fracture: not this model's
     assert thresholds.positive("Cardiomegaly", 0.3) and not thresholds.positive("Effusion", 0.4)
     assert thresholds.describe() == "0.5; Cardiomegaly 0.3"
-    again = Thresholds.from_journal(0.5, thresholds.overrides_json())
+    again = Thresholds.recorded(0.5, json.loads(thresholds.overrides_json()))
     assert again == thresholds
-    assert Thresholds.from_journal(0.5, None) == Thresholds(0.5) == Thresholds.coerce(0.5)
+    assert Thresholds.recorded(0.5, {}) == Thresholds(0.5) == Thresholds.coerce(0.5)
 
 
 def test_the_config_takes_findings_in_any_case_and_refuses_a_typo():

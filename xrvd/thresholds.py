@@ -64,7 +64,6 @@ class Thresholds:
         return json.dumps(self.overrides, sort_keys=True) if self.per_finding else None
 
     @classmethod
-    def from_journal(cls, default: float, overrides_json: str | None) -> Thresholds:
-        overrides = json.loads(overrides_json) if overrides_json else {}
-        return cls(float(default), tuple(sorted((str(k), float(v))
-                                                for k, v in overrides.items())))
+    def recorded(cls, default: float, overrides: Mapping[str, float]) -> Thresholds:
+        """What a run recorded (its `runs.threshold` and `runs.thresholds`), taken as it is."""
+        return cls.make(default, overrides, list(overrides))

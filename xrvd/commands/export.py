@@ -50,8 +50,7 @@ def thresholds_of(result: ImageResult, configured: Thresholds) -> Thresholds:
     config's)."""
     if result.threshold is None:
         return configured
-    return Thresholds.make(result.threshold, result.threshold_overrides,
-                           list(result.threshold_overrides))
+    return Thresholds.recorded(result.threshold, result.threshold_overrides)
 
 
 def base_record(result: ImageResult, thresholds: Thresholds) -> dict:
