@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable
 
-import pydicom
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
@@ -52,10 +51,13 @@ def send_report(path: str, destination: Destination | DicomwebDestination, timeo
     flavour and its heatmap key images before it: (all stored, what happened). reports: the
     reports read for sending so far (the file is read there once, for every destination and
     attempt); without it the file is read for this send alone."""
-    encoded = reports.get(path) if reports is not None else EncodedReport(path)
-    report = encoded.dataset(destination.sr_flavour)
+    read = reports.get if reports is not None else EncodedReport
+    report = read(path).dataset(destination.sr_flavour)
     # Key images first: a viewer that opens the report as it arrives finds what it cites.
-    instances = [pydicom.dcmread(heatmap) for heatmap in heatmap_files(path)] + [report]
+    # They are read like the report, once for every destination and attempt (as_flavour
+    # leaves an image as it is).
+    instances = [read(heatmap).dataset(destination.sr_flavour)
+                 for heatmap in heatmap_files(path)] + [report]
     if destination.type == "dicomweb":
         return stow_report(instances, destination, timeout)
     ae = requestor(destination.calling_aet, timeout=timeout,

@@ -341,7 +341,7 @@ class _Entry:
 
 
 class EncodedReports:
-    """Reports read for sending, each file once: a new report is due at every destination at
+    """Reports (and their heatmap key images) read for sending, each file once: a new report is due at every destination at
     about the same time, and retried at one that is down. The least recently used are dropped
     beyond max_bytes (of files); a file replaced under its name (a re-run) is read anew."""
 
