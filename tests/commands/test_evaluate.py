@@ -231,6 +231,35 @@ def test_a_labels_table_larger_than_any_is_not_read(tmp_path, monkeypatch):
             read()
 
 
+def test_a_labels_table_from_a_pipe_is_read_no_further_than_the_bound(tmp_path, monkeypatch):
+    """A pipe's size says nothing: the reader stops at the bound all the same."""
+    import os
+    import threading
+
+    from xrvd.commands import evaluate_labels
+    from xrvd.commands.evaluate import LabelsError, read_labels
+
+    monkeypatch.setattr(evaluate_labels, "MAX_LABELS_BYTES", 100)
+    pipe = tmp_path / "labels.csv"
+    os.mkfifo(pipe)
+    written = []
+
+    def feed() -> None:
+        try:
+            with open(pipe, "w") as handle:
+                handle.write("path,Effusion\n" + "x.dcm,1\n" * 100_000)
+                written.append("all")
+        except BrokenPipeError:  # the reader stopped at the bound and closed its end
+            written.append("stopped")
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    with pytest.raises(LabelsError, match="larger than 100 bytes"):
+        read_labels(pipe, ("Effusion",))
+    feeder.join(timeout=30)
+    assert written == ["stopped"]
+
+
 def _site(tmp_path, images=IMAGES):
     """The images copied into <tmp_path>/site, by name."""
     folder = tmp_path / "site"

@@ -45,7 +45,6 @@ from ..stats import (
 from ..thresholds import Thresholds
 from .classify import classify_files
 from .evaluate_labels import (  # noqa: F401 - the labels readers, re-exported
-    MAX_LABELS_BYTES,
     Labels,
     LabelsError,
     read_dataset_labels,
@@ -109,16 +108,6 @@ def metrics_for(scores: list[float | None], labels: list[int | None], threshold:
             "note": "" if chosen <= 1.0 else "no threshold within [0, 1] reaches the target"}
 
 
-def thresholds_for_model(config, labels: tuple[str, ...]) -> Thresholds:
-    """model.threshold and model.thresholds for the findings this model reports: a finding
-    named there that a compared model does not report is left out for that model (the config
-    was written for another model), not an error."""
-    own = {label.lower() for label in labels}
-    overrides = {name: value for name, value in config.model.thresholds.items()
-                 if str(name).strip().lower() in own}
-    return Thresholds.make(config.model.threshold, overrides, labels)
-
-
 def score_images(config, name: str, labels: Labels, journal) -> ModelScores:
     """The model's scores of every labelled image: from the journal (an open connection, or
     None) where these weights scored it, else by classifying its file."""
@@ -128,7 +117,7 @@ def score_images(config, name: str, labels: Labels, journal) -> ModelScores:
     identity = classifier.identity
     count = len(labels.files)
     result = ModelScores(identity, tuple(classifier.labels),
-                         thresholds_for_model(config, classifier.labels), [None] * count)
+                         Thresholds.of_config(config.model, classifier.labels), [None] * count)
     if journal is not None:
         paths = {i: str(file.resolve()) for i, file in enumerate(labels.files)
                  if file is not None}
@@ -144,7 +133,7 @@ def score_images(config, name: str, labels: Labels, journal) -> ModelScores:
                 result.from_journal += 1
     todo = [i for i in range(count) if result.scores[i] is None and labels.files[i] is not None]
     classified = classify_files([labels.files[i] for i in todo], classifier,
-                                threshold=config.model.threshold,
+                                threshold=result.thresholds,
                                 batch_size=config.model.batch_size,
                                 options=ConvertOptions(**config.convert.model_dump()))
     for index, outcome in zip(todo, classified, strict=True):

@@ -11,6 +11,7 @@ labelled: the image is left out for that finding).
 from __future__ import annotations
 
 import csv
+import io
 import math
 import re
 from dataclasses import dataclass
@@ -41,11 +42,6 @@ class Labels:
     def uid(self, index: int) -> str | None:
         return self.sop_uids[index] if self.sop_uids else None
 
-    def name(self, index: int) -> str:
-        """How a person finds the image again in the table."""
-        file = self.files[index]
-        return str(file) if file is not None else f"SOP Instance UID {self.uid(index)}"
-
 
 def _plain(column: str) -> str:
     return re.sub(r"[\s_-]", "", column).lower()
@@ -56,8 +52,14 @@ def read_labels(path: Path, known: tuple[str, ...], *, from_journal: bool = Fals
     from_journal: images may be named by their SOP Instance UID alone."""
     check_size(path)
     try:
+        # Read no more than the bound whatever the size said: a pipe or a file still being
+        # written says nothing true about what comes.
         with open(path, newline="", encoding="utf-8-sig") as handle:
-            rows = list(csv.DictReader(handle))
+            text = handle.read(MAX_LABELS_BYTES + 1)
+        if len(text) > MAX_LABELS_BYTES:
+            raise LabelsError(f"{path} is larger than {MAX_LABELS_BYTES} bytes: not a labels "
+                              "table")
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise LabelsError(f"cannot read the labels table {path}: {exc}") from exc
     columns = list(rows[0].keys()) if rows else []

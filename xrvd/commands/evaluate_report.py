@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
+from ..config import FINDING_NAMES
 from ..fsutil import write_atomically
 from ..stats import calibration, roc_curve
 
@@ -110,11 +111,8 @@ def write_report(out: Path, summary: dict, rows: list[dict],
 def _remove_earlier_plots(out: Path) -> None:
     """An earlier run's plots in the same folder would pass for this run's: only the names
     this module gives them (a kind and a finding some model reports) are removed."""
-    from ..pipeline.registry import MODELS
-
-    findings = {label for spec in MODELS.values() for label in spec.label_names}
     for kind in KINDS:
-        for finding in findings:
+        for finding in FINDING_NAMES:
             (out / f"{kind}-{slug(finding)}.png").unlink(missing_ok=True)
 
 
