@@ -125,6 +125,27 @@ def test_a_heatmap_that_cannot_be_made_leaves_the_report_and_the_others(study, t
     assert run().heatmaps == 0 and heatmap_files(written.path) == []
 
 
+def test_a_heatmap_is_drawn_from_a_file_read_as_classification_reads_it(study, tmp_path):
+    """A file with no preamble and no file meta is classified (read with the project's own
+    reader): its heatmap is drawn too, not dropped."""
+    bare = tmp_path / "bare.dcm"
+    ds = pydicom.dcmread(NIH_SC)
+    ds.preamble = None
+    del ds.file_meta
+    ds.save_as(bare, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    assert not bare.read_bytes()[128:132] == b"DICM"
+    scores = random_scores(study, seed=5)
+    sc = str(study[1].SOPInstanceUID)
+    written = write_report(ReportJob(
+        study_uid=str(study[0].StudyInstanceUID), generation=0, sources=list(study),
+        scores=scores, identity=identity(), thresholds=Thresholds(0.5),
+        output=OutputSettings(tmp_path, "comprehensive3d", 9901, "AI RESULT", False),
+        heatmaps=(HeatmapJob(sc, str(bare), "Effusion", scores[sc]["Effusion"],
+                             np.arange(49, dtype=np.float32).reshape(7, 7)),)))
+    assert written.error is None and written.heatmap_errors == ()
+    assert written.heatmaps == 1 and len(heatmap_files(written.path)) == 1
+
+
 # --- finding an earlier report -----------------------------------------------------------
 
 

@@ -144,7 +144,8 @@ def _write_heatmaps(job: ReportJob, folder: Path
             stale.unlink()
     if not job.heatmaps:
         return {}, []
-    from .heatmap import heatmap_image  # numpy and Pillow work only a heatmap needs
+    from ..pipeline.read import read_dicom
+    from .heatmap import background_of, heatmap_image  # work only a heatmap needs
 
     folder.mkdir(parents=True, exist_ok=True)
     identity = job.identity
@@ -154,23 +155,26 @@ def _write_heatmaps(job: ReportJob, folder: Path
                             identity.weights_sha256, str(job.generation))
     written: dict[tuple[str, str], Dataset] = {}
     errors: list[tuple[str, str, str]] = []
-    source, source_path = None, None
+    source, source_path, background = None, None, None
     for number, heatmap in enumerate(job.heatmaps, start=1):
         uid = stable_uid("heatmap", heatmap.sop_uid, heatmap.label, identity.name,
                          identity.weights_sha256, str(job.generation))
         try:
             if heatmap.source_path != source_path:  # a job lists an image's findings together
-                source, source_path = pydicom.dcmread(heatmap.source_path), heatmap.source_path
+                # read as it was for classification (no preamble, no file meta: still read)
+                source, source_path = read_dicom(heatmap.source_path), heatmap.source_path
+                background = background_of(source)
             image = heatmap_image(
                 source, heatmap.map, finding=heatmap.label, score=heatmap.score,
                 fit=job.fit, identity=identity, series_instance_uid=series_uid,
                 sop_instance_uid=uid, instance_number=number,
-                series_number=min(job.output.series_number + 1, 2**31 - 1))
+                series_number=min(job.output.series_number + 1, 2**31 - 1),
+                background=background)
             buffer = io.BytesIO()
             image.save_as(buffer, enforce_file_format=True)
             write_atomically(folder / f"{safe_name(uid)}.dcm", buffer.getvalue())
         except Exception as exc:  # noqa: BLE001 - the report goes out without this one
-            source, source_path = None, None
+            source, source_path, background = None, None, None
             errors.append((heatmap.sop_uid, heatmap.label, f"{type(exc).__name__}: {exc}"))
             continue
         written[(heatmap.sop_uid, heatmap.label)] = image

@@ -34,6 +34,7 @@ in the same study; xrvd's own selection skips them (Modality OT, RGB), so they n
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Literal
 
 import highdicom as hd
@@ -65,11 +66,28 @@ _COPIED = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", 
            "AccessionNumber", "StudyDescription")
 
 
+@dataclass(frozen=True)
+class Background:
+    """The source image as the heatmaps show it: decoded, windowed and scaled down once for
+    all of an image's findings."""
+    source_shape: tuple[int, int]  # (rows, columns) of the source image
+    shown: np.ndarray  # uint8 (rows, columns), at most MAX_SIDE on the long side
+
+
+def background_of(source: Dataset) -> Background:
+    grey = display_pixels(source)
+    rows, columns = shown_shape(grey.shape)
+    small = np.asarray(Image.fromarray(grey).resize((columns, rows), Image.Resampling.LANCZOS)
+                       if (rows, columns) != grey.shape else grey)
+    return Background(grey.shape, small)
+
+
 def heatmap_image(source: Dataset, logit_map: np.ndarray, *, finding: str, score: float,
                   identity: ModelIdentity, series_instance_uid: str, sop_instance_uid: str,
                   series_number: int, instance_number: int,
                   fit: Literal["crop", "pad"] = "crop",
-                  series_description: str = LABEL) -> Dataset:
+                  series_description: str = LABEL,
+                  background: Background | None = None) -> Dataset:
     """The Secondary Capture of one finding's heatmap over one classified image.
 
     source: the classified image, with its pixel data (as read for classification; a
@@ -85,15 +103,14 @@ def heatmap_image(source: Dataset, logit_map: np.ndarray, *, finding: str, score
       caller (a series of its own in the source's study: see the module's docstring).
     fit: the conversion's `fit` that the map was computed with ("crop" or "pad").
     series_description: SeriesDescription (LO, cut at 64 characters).
+    background: background_of(source), made once for several findings of the same image.
     """
     logit_map = np.asarray(logit_map, dtype=np.float64)
     if logit_map.ndim != 2 or not np.isfinite(logit_map).all():
         raise ValueError(f"a heatmap needs one finite 2-D map, got shape {logit_map.shape}")
-    grey = display_pixels(source)
-    rows, columns = shown_shape(grey.shape)
-    values, inside = map_to_image(logit_map, grey.shape, fit, (rows, columns))
-    small = np.asarray(Image.fromarray(grey).resize((columns, rows), Image.Resampling.LANCZOS)
-                       if (rows, columns) != grey.shape else grey)
+    background = background or background_of(source)
+    small = background.shown
+    values, inside = map_to_image(logit_map, background.source_shape, fit, small.shape)
     text = [LABEL, f"{finding}: {100.0 * float(score):.1f} %", f"model {identity.name}"]
     if identity.untrained:
         text.append("UNTRAINED TEST WEIGHTS: meaningless")
