@@ -518,6 +518,19 @@ def build_archive(root: Path, copies: int) -> tuple[set[str], set[str]]:
     return sops, studies
 
 
+
+def reports_by_study(output: Path) -> dict[str, list[Path]]:
+    """Study folder -> the report files in it (a back-fill's output.folder)."""
+    return {folder.name: sorted(folder.glob("*.dcm")) for folder in output.iterdir()
+            if folder.is_dir()}
+
+
+def runs_per_image(state_dir: Path) -> dict[str, int]:
+    """SOP Instance UID -> how many runs scored it (1 each: nothing reported twice)."""
+    return dict(journal_rows(
+        state_dir, "SELECT i.sop_uid, COUNT(DISTINCT s.run_id) FROM scores s "
+                   "JOIN instances i ON i.id = s.instance_id GROUP BY i.sop_uid"))
+
 # --- a PACS: Orthanc on loopback, and an archive to fill it with -----------------------------
 
 # Orthanc's REST API and DICOMweb are behind HTTP basic authentication, as at a real site.

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
 import pytest
 from pydicom.fileset import FileSet
@@ -36,22 +35,12 @@ from ..harness import (
     journal_rows,
     journal_text,
     record_exported_graphs,
+    reports_by_study,
+    runs_per_image,
     sidecar,
     write_config,
     write_crafted,
 )
-
-
-def reports_by_study(output: Path) -> dict[str, list[Path]]:
-    return {folder.name: sorted(folder.glob("*.dcm")) for folder in output.iterdir()
-            if folder.is_dir()}
-
-
-def scored_runs(daemon: DaemonProcess) -> dict[str, int]:
-    """SOP Instance UID -> how many runs scored it."""
-    return dict(daemon.journal(
-        "SELECT i.sop_uid, COUNT(DISTINCT s.run_id) FROM scores s "
-        "JOIN instances i ON i.id = s.instance_id GROUP BY i.sop_uid"))
 
 
 def test_backfill_survives_sigkill_and_never_reports_twice(tmp_path, ready_weights):
@@ -78,7 +67,7 @@ def test_backfill_survives_sigkill_and_never_reports_twice(tmp_path, ready_weigh
     [finished] = second.find("backfill.finished")
     assert finished["seen_before"] > 0  # the first run's journal was used, not re-read
 
-    runs = scored_runs(second)
+    runs = runs_per_image(second.state_dir)
     assert set(runs) == expected_sops
     assert set(runs.values()) == {1}
     reports = reports_by_study(output)
@@ -112,7 +101,7 @@ def test_backfill_survives_sigkill_and_never_reports_twice(tmp_path, ready_weigh
     assert len(third.find("study.already_reported")) == len(expected_studies)
     assert not third.find("report.written")
     assert {path: path.stat().st_mtime_ns for path in written} == written
-    assert set(scored_runs(third)) == expected_sops  # scores recovered from the reports
+    assert set(runs_per_image(third.state_dir)) == expected_sops  # scores recovered from the reports
 
 
 def test_dry_run_classifies_and_journals_nothing(tmp_path, untrained_weights, capsys):

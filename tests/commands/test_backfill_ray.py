@@ -36,6 +36,8 @@ from ..harness import (
     DaemonProcess,
     build_archive,
     journal_rows,
+    reports_by_study,
+    runs_per_image,
     write_config,
 )
 
@@ -89,17 +91,6 @@ def scores(state: Path) -> dict[tuple[str, str], float]:
                "JOIN instances i ON i.id = s.instance_id")}
 
 
-def runs_per_image(state: Path) -> dict[str, int]:
-    return dict(journal_rows(state, "SELECT i.sop_uid, COUNT(DISTINCT s.run_id) FROM scores s "
-                                    "JOIN instances i ON i.id = s.instance_id GROUP BY i.sop_uid"))
-
-
-def reports(output: Path) -> dict[str, list[str]]:
-    """Study folder -> its report files' names."""
-    return {folder.name: sorted(path.name for path in folder.glob("*.dcm"))
-            for folder in output.iterdir() if folder.is_dir()}
-
-
 def sidecar_scores(output: Path) -> dict[tuple[str, str], float]:
     found = {}
     for path in output.rglob("*.json"):
@@ -136,8 +127,9 @@ def test_the_ray_engine_gives_the_local_engines_journal_scores_and_reports(
     assert max(abs(ray_scores[key] - local_scores[key]) for key in local_scores) <= 1e-5
     assert set(runs_per_image(there).values()) == {1}
 
-    local_reports, ray_reports = reports(tmp_path / "local" / "out"), reports(
-        tmp_path / "ray" / "out")
+    local_reports, ray_reports = (
+        {study: [path.name for path in paths] for study, paths in reports_by_study(out).items()}
+        for out in (tmp_path / "local" / "out", tmp_path / "ray" / "out"))
     assert len(ray_reports) == len(expected_studies)
     assert ray_reports == local_reports  # one per study, under the same names
     assert all(len(files) == 1 for files in ray_reports.values())
@@ -209,7 +201,7 @@ def test_the_driver_killed_midway_resumes_without_reporting_twice(
     assert second.find("backfill.cluster")
     runs = runs_per_image(tmp_path / "state")
     assert set(runs) == expected_sops and set(runs.values()) == {1}
-    output = reports(tmp_path / "out")
+    output = reports_by_study(tmp_path / "out")
     assert len(output) == len(expected_studies)
     assert all(len(files) == 1 for files in output.values())
 
@@ -255,7 +247,7 @@ def test_a_worker_node_lost_midway_loses_and_repeats_nothing(
     runs = runs_per_image(state)
     assert set(runs) == expected_sops and set(runs.values()) == {1}
     assert journal_rows(state, "SELECT COUNT(*) FROM studies WHERE attempts > 0") == [(0,)]
-    output = reports(tmp_path / "out")
+    output = reports_by_study(tmp_path / "out")
     assert len(output) == len(expected_studies)
     assert all(len(files) == 1 for files in output.values())
     assert backfill.tally.classified == len(expected_sops)  # the whole archive in this run
