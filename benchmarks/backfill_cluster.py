@@ -52,7 +52,9 @@ class Cluster:
     of `cpus` CPUs each. Its processes are children of this one (for the memory figures)."""
 
     def __init__(self, nodes: int, cpus: int):
-        os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+        from xrvd.cluster import ray_module
+
+        ray_module()  # imported as the engine imports it (Ray's uv run switch off)
         from ray.cluster_utils import Cluster as RayCluster
 
         self.cluster = RayCluster(initialize_head=True, head_node_args={
@@ -75,7 +77,7 @@ def journal_rate(folder: Path, scratch: Path, model: str) -> dict:
     from xrvd.store.archive import ArchiveFile
     from xrvd.store.records import read_header
 
-    store = Store(scratch / "journal-rate")
+    store = Store(scratch / f"journal-rate-{folder.name}")  # one per kind of archive
     try:
         files = sorted(folder.rglob("*.dcm"))
         for start in range(0, len(files), 256):
@@ -123,8 +125,9 @@ def main(args, folder: Path, scratch: Path, run_backfill, tree_rss_mb, label: st
     export_graph(args, model)
 
     def run(name: str, extra: list[str]) -> dict:
-        record_graph(Path(args.weights), scratch / f"run-{name}" / "state")
-        return run_backfill(args, folder, scratch / f"run-{name}", extra=extra)
+        runs = scratch / f"run-{folder.name}-{name}"  # one per kind of archive, beside it
+        record_graph(Path(args.weights), runs / "state")
+        return run_backfill(args, folder, runs, extra=extra)
 
     local = run("local", [])
     print(f"{label:<28} {'local':<14} {local['images_per_s']:>9.1f} "

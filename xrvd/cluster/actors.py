@@ -96,8 +96,14 @@ def actor_count(cluster: Cluster, settings: BackfillConfig) -> int:
             raise ClusterError(f"the cluster at {cluster.address!r} has no GPUs for actors of "
                                f"{settings.gpus_per_actor:g} GPU each (--gpus-per-actor)")
         return count
-    wanted = max(settings.cpus_per_actor, 1.0)  # a node with a CPU to run it on
-    return max(1, sum(1 for node in nodes if node.get("CPU", 0) >= wanted))
+    return max(1, len(_cpu_nodes(cluster, settings)))
+
+
+def _cpu_nodes(cluster: Cluster, settings: BackfillConfig) -> list[str]:
+    """The live nodes with a CPU to run a CPU actor on, by node ID."""
+    wanted = max(settings.cpus_per_actor, 1.0)
+    return sorted(node["NodeID"] for node in cluster.ray.nodes()
+                  if node.get("Alive") and node.get("Resources", {}).get("CPU", 0) >= wanted)
 
 
 def placements(cluster: Cluster, settings: BackfillConfig, count: int) -> list:
@@ -109,9 +115,7 @@ def placements(cluster: Cluster, settings: BackfillConfig, count: int) -> list:
         return ["SPREAD"] * count
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    wanted = max(settings.cpus_per_actor, 1.0)
-    nodes = sorted(node["NodeID"] for node in cluster.ray.nodes()
-                   if node.get("Alive") and node.get("Resources", {}).get("CPU", 0) >= wanted)
+    nodes = _cpu_nodes(cluster, settings)
     if not nodes:
         return ["SPREAD"] * count
     return [NodeAffinitySchedulingStrategy(nodes[n % len(nodes)], soft=False)
