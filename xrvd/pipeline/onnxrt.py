@@ -5,7 +5,9 @@ The graph is exactly what `network(x)` computes for xrvd's inputs, sigmoid and
 operating-point normalisation included, so its scores mean the same as PyTorch's. Inputs are
 (N, 1, R, R) float32 in [-1024, 1024] at the model's native resolution; N is a dynamic axis.
 For an architecture with class activation maps (cam.py) the graph has a second output, `maps`
-(N, outputs, h, w), checked against PyTorch too; scoring asks ONNX Runtime for `scores` alone.
+(N, outputs, h, w), checked against PyTorch too. Scoring fetches `scores` alone; ONNX Runtime
+still computes the maps (it runs the whole graph), a 1x1 convolution that costs nothing
+measurable beside the network.
 
 Cache: `<weights_dir>/<model>.<weights sha256[:16]>.<exporter tag>.onnx` and a JSON sidecar
 (`.onnx.json`) written after it. The sidecar is the commit record: it names the weights' and
